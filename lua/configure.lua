@@ -1,0 +1,51 @@
+--[[
+  Write the pool's configuration, read by every other script. Each replica runs it at start and
+  whenever a script answers 'no config' (Redis restarted empty). The pool's epoch (time origin) and
+  sequence survive reconfiguration; a fresh pool starts its sequence at epoch*1000 so item ids never
+  repeat those of an earlier incarnation that replicas may still re-register.
+  Input:
+    KEYS[1] pool prefix 'as:{<pool>}:'
+    ARGV[1] time override, absolute ms ('' = Redis TIME)
+    ARGV[2..] field, value pairs: limit, maxReq, maxBytes, win (ms), alpha, idle (ms), maxTracked,
+             and 'band:<priority>' / 'band:*' (default template) =
+             'fairness|ordering|maxReq|maxBytes|wW|cW|rW|maxWait s|maxRate|aging'
+  Output:
+    { 1 } fresh pool, { 0 } updated, { -2, band } refused: that band has queued items and the new
+    configuration changes its fairness or ordering policy (its queue structures would be orphaned).
+]]
+-- @include common
+local abs
+if ARGV[1] ~= '' then
+  abs = tonumber(ARGV[1])
+else
+  local t = rcall('TIME')
+  abs = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local new = {}
+for i = 2, #ARGV - 1, 2 do new[ARGV[i]] = ARGV[i + 1] end
+
+local function policies(raw)
+  local f = split(raw)
+  return f[1] .. '|' .. f[2]
+end
+local epoch = rcall('HGET', K_CFG, 'epoch')
+local fresh = not epoch
+if not fresh then
+  for _, band in ipairs(rcall('ZRANGE', K_BANDS, 0, -1)) do
+    local old = band_cfg(band)
+    local now_raw = new['band:' .. band] or new['band:*']
+    if old.fair .. '|' .. old.order ~= policies(now_raw) then return { -2, band } end
+  end
+else
+  epoch = int(abs)
+  rcall('HSETNX', K_STATS, 'seq', int(abs * 1000))
+end
+rcall('DEL', K_CFG)
+local args = { 'epoch', epoch }
+for k, v in pairs(new) do
+  args[#args + 1] = k
+  args[#args + 1] = v
+end
+rcall('HSET', K_CFG, unpack(args))
+if fresh then return { 1 } end
+return { 0 }

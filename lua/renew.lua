@@ -1,0 +1,16 @@
+--[[
+  Extend the lease of an externally held slot (a ticket from the admission API or gateway check).
+  Input:
+    KEYS[1] pool prefix 'as:{<pool>}:'
+    ARGV[1] time override, absolute ms ('' = Redis TIME)
+    ARGV[2] item id
+    ARGV[3] new lease from now, ms
+  Output:
+    { 1 } renewed, { 7 } not in flight (released or expired), { -1 } no config.
+]]
+-- @include common
+if not load_cfg() then return { S_NO_CONFIG } end
+local now = clock(ARGV[1])
+if rcall('HEXISTS', K_INFLIGHT, ARGV[2]) == 0 then return { S_NOT_FOUND } end
+rcall('ZADD', K_LEASES, int(now + tonumber(ARGV[3])), ARGV[2])
+return { 1 }

@@ -1,0 +1,244 @@
+"""Decode a request's classification headers into a FlowControlRequest (DESIGN §3).
+
+Lenient mode falls back to a default for every missing or malformed header and never raises.
+Strict mode raises HeaderError for a header that is present but malformed, so the HTTP surface can
+answer 400 naming the header; a header that is simply absent gets its default in both modes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from fractions import Fraction
+from typing import ParamSpec, TypeVar
+
+import msgspec
+
+from sidecar.keys import VALID_ID, is_valid_id
+from sidecar.request import DEFAULT_FLOW, FlowControlRequest
+from sidecar.workload import (
+    DEFAULT_CRITICALITY,
+    MAX_CRITICALITY,
+    MIN_CRITICALITY,
+    WorkloadContext,
+    normalise_criticality,
+)
+
+WORKLOAD_CONTEXT_HEADER = "x-workload-context"
+WORKLOAD_ID_HEADER = "x-workload-id"
+CRITICALITY_HEADER = "x-workload-criticality"
+FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+REQUEST_ID_HEADER = "x-request-id"
+# Per-request queue TTL: "250ms", "5s", "2m", "1h", or a bare number of seconds ("1.5"). It can only
+# shorten the wait: the result is capped by the configured maximum.
+TTL_HEADER = "x-gateway-inference-ttl"
+
+# Headers meant for the sidecar alone; stripped before forwarding. x-request-id is not among them:
+# it travels upstream and is echoed back.
+CONTROL_HEADERS: frozenset[str] = frozenset(
+    {
+        WORKLOAD_CONTEXT_HEADER,
+        WORKLOAD_ID_HEADER,
+        CRITICALITY_HEADER,
+        FAIRNESS_ID_HEADER,
+        OBJECTIVE_HEADER,
+        TTL_HEADER,
+    }
+)
+
+# A longer value is malformed: no legitimate classification header comes near it, and the cap bounds
+# the work spent decoding attacker-supplied text.
+MAX_HEADER_CHARS = 8 * 1024
+
+_ID_RULE = f"must match {VALID_ID.pattern}"
+_CRITICALITY_RULE = f"must be an integer from {MIN_CRITICALITY} to {MAX_CRITICALITY}"
+_TTL_RULE = 'expected a duration such as "250ms", "5s", "2m", "1h" or "1.5" (seconds)'
+# ASCII digits only: int() and Fraction() would also accept other scripts' digits and underscores.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
+_DURATION = re.compile(r"(?P<number>[0-9]{1,15}(?:\.[0-9]{1,9})?|\.[0-9]{1,9})(?P<unit>ms|s|m|h)?")
+_UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000}
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
+
+
+class HeaderError(ValueError):
+    """A classification header is present but malformed (raised in strict mode only)."""
+
+    def __init__(self, header: str, reason: str) -> None:
+        super().__init__(header, reason)
+        self.header = header
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.header}: {self.reason}"
+
+
+class _WireContext(msgspec.Struct):
+    """x-workload-context on the wire; criticality is checked by hand so a bad one keeps the id."""
+
+    workload_id: str
+    criticality: object = msgspec.UNSET
+
+
+_CONTEXT_DECODER = msgspec.json.Decoder(_WireContext)
+
+
+def classify(
+    headers: Mapping[str, str],
+    *,
+    pool: str,
+    objectives: Mapping[str, int],
+    default_ttl_ms: int,
+    max_ttl_ms: int,
+    strict: bool,
+    byte_size: int = 0,
+    model: str = "",
+    request_id_factory: Callable[[], str] | None = None,
+) -> FlowControlRequest:
+    """Build the request the flow controller admits from the incoming headers.
+
+    ``headers`` is looked up by lower-case name, so a case-insensitive multidict or a dict with
+    lower-case keys both work. Raises HeaderError only when ``strict`` is true.
+    """
+    default_ttl = min(default_ttl_ms, max_ttl_ms)
+    request_id = _or_default(strict, None, _request_id, headers)
+    objective, priority = _or_default(strict, ("", 0), _objective, headers, objectives)
+    return FlowControlRequest(
+        request_id=request_id or (request_id_factory or _new_request_id)(),
+        fairness_id=_or_default(strict, DEFAULT_FLOW, _fairness_id, headers),
+        priority=priority,
+        byte_size=byte_size,
+        pool=pool,
+        model=model,
+        objective=objective,
+        ttl_ms=_or_default(strict, default_ttl, _ttl_ms, headers, default_ttl, max_ttl_ms),
+        workload=parse_workload(headers, strict),
+    )
+
+
+def parse_workload(headers: Mapping[str, str], strict: bool) -> WorkloadContext | None:
+    """The workload a request belongs to, or None for anonymous traffic.
+
+    A usable x-workload-context wins over x-workload-id / x-workload-criticality. In lenient mode an
+    unusable one is ignored and the separate headers are consulted instead.
+    """
+    try:
+        raw = _header(headers, WORKLOAD_CONTEXT_HEADER)
+        if raw is not None:
+            return _decode_context(raw, strict)
+    except HeaderError:
+        if strict:
+            raise
+    criticality = _or_default(strict, DEFAULT_CRITICALITY, _separate_criticality, headers)
+    workload_id = _or_default(strict, None, _id_header, headers, WORKLOAD_ID_HEADER)
+    # No usable id means anonymous: never mint one, or every request would create a registry entry.
+    return None if workload_id is None else WorkloadContext(workload_id, criticality)
+
+
+def _or_default(
+    strict: bool, default: _T, parse: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+) -> _T:
+    """Run one header parser; a malformed header yields ``default`` unless strict."""
+    try:
+        return parse(*args, **kwargs)
+    except HeaderError:
+        if strict:
+            raise
+        return default
+
+
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """The single value of a header, None when absent; HeaderError when repeated or oversized."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise HeaderError(name, "value is not text")
+    # A multidict keeps repeated headers apart; which copy to believe is ambiguous, so neither is.
+    getall = getattr(headers, "getall", None)
+    if getall is not None and len(getall(name, ())) > 1:
+        raise HeaderError(name, "header is repeated")
+    if len(value) > MAX_HEADER_CHARS:
+        raise HeaderError(name, f"value is longer than {MAX_HEADER_CHARS} characters")
+    # Optional whitespace around a field value is not part of it (RFC 9110 §5.5).
+    return value.strip(" \t")
+
+
+def _id_header(headers: Mapping[str, str], name: str) -> str | None:
+    value = _header(headers, name)
+    if value is None:
+        return None
+    if not is_valid_id(value):
+        raise HeaderError(name, _ID_RULE)
+    return value
+
+
+def _request_id(headers: Mapping[str, str]) -> str | None:
+    return _id_header(headers, REQUEST_ID_HEADER)
+
+
+def _fairness_id(headers: Mapping[str, str]) -> str:
+    return _id_header(headers, FAIRNESS_ID_HEADER) or DEFAULT_FLOW
+
+
+def _objective(headers: Mapping[str, str], objectives: Mapping[str, int]) -> tuple[str, int]:
+    name = _header(headers, OBJECTIVE_HEADER)
+    if name is None:
+        return "", 0
+    priority = objectives.get(name)
+    if priority is None:
+        raise HeaderError(OBJECTIVE_HEADER, "unknown objective")
+    return name, priority
+
+
+def _ttl_ms(headers: Mapping[str, str], default_ms: int, max_ms: int) -> int:
+    value = _header(headers, TTL_HEADER)
+    if value is None:
+        return default_ms
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        raise HeaderError(TTL_HEADER, _TTL_RULE)
+    # Fraction keeps "0.1" exact, so rounding up to whole milliseconds never adds one spuriously.
+    ms = Fraction(match["number"]) * _UNIT_MS[match["unit"] or "s"]
+    if ms <= 0:
+        raise HeaderError(TTL_HEADER, "duration must be greater than zero")
+    # Round up so a positive sub-millisecond TTL does not become zero.
+    return min(math.ceil(ms), max_ms)
+
+
+def _decode_context(raw: str, strict: bool) -> WorkloadContext:
+    try:
+        wire = _CONTEXT_DECODER.decode(raw)
+    # UnicodeError: a lone surrogate cannot be encoded; RecursionError: absurdly deep nesting.
+    except (msgspec.MsgspecError, UnicodeError, RecursionError) as exc:
+        reason = f"expected a JSON object with a string workload_id: {exc}"
+        raise HeaderError(WORKLOAD_CONTEXT_HEADER, reason) from None
+    if not is_valid_id(wire.workload_id):
+        raise HeaderError(WORKLOAD_CONTEXT_HEADER, f"workload_id {_ID_RULE}")
+    if wire.criticality is msgspec.UNSET:
+        return WorkloadContext(wire.workload_id, DEFAULT_CRITICALITY)
+    criticality = normalise_criticality(wire.criticality)
+    # The type test matters: 3.0 == 3, yet a float is not a valid criticality (nor is true == 1).
+    if strict and (type(wire.criticality) is not int or criticality != wire.criticality):
+        raise HeaderError(WORKLOAD_CONTEXT_HEADER, f"criticality {_CRITICALITY_RULE}")
+    return WorkloadContext(wire.workload_id, criticality)
+
+
+def _separate_criticality(headers: Mapping[str, str]) -> int:
+    value = _header(headers, CRITICALITY_HEADER)
+    if value is None:
+        return DEFAULT_CRITICALITY
+    if _INTEGER.fullmatch(value) is None:
+        raise HeaderError(CRITICALITY_HEADER, _CRITICALITY_RULE)
+    criticality = int(value)
+    if normalise_criticality(criticality) != criticality:
+        raise HeaderError(CRITICALITY_HEADER, _CRITICALITY_RULE)
+    return criticality
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex

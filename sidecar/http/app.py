@@ -1,0 +1,156 @@
+"""Builds the two aiohttp applications and runs them with a graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.breaker import CircuitBreaker
+from sidecar.config import Config
+from sidecar.controller import Admission, FlowController
+from sidecar.errors import StoreError
+from sidecar.http import admin, api
+from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
+from sidecar.http.outcomes import refusal
+from sidecar.http.proxy import proxy
+from sidecar.metrics import Metrics
+from sidecar.options import ServeOptions
+from sidecar.outcome import Outcome
+from sidecar.request import FlowControlRequest
+from sidecar.service import AdmissionService
+from sidecar.store import PoolStore
+from sidecar.store.connect import connect, embedded, mask_url
+
+log = logging.getLogger(__name__)
+
+
+def build_service(config: Config, redis_url: str | None, replica_id: str) -> AdmissionService:
+    metrics = Metrics(config.pool)
+    if redis_url:
+        client, inbox = connect(redis_url, config.redis.timeout, config.redis.max_connections)
+    else:
+        client, inbox = embedded()
+    store = PoolStore(client, config, replica_id, inbox_client=inbox, timer=metrics.time_script)
+
+    def on_outcome(request: FlowControlRequest, admission: Admission) -> None:
+        metrics.record_outcome(
+            admission.outcome, request.priority, request.fairness_id, admission.wait_ms / 1000
+        )
+
+    controller = FlowController(store, on_outcome=on_outcome)
+    breaker = CircuitBreaker(cooldown_s=max(config.redis.timeout * 4, 0.5))
+    return AdmissionService(config, controller, metrics, breaker)
+
+
+async def _no_upstream(request: web.Request) -> web.Response:
+    return refusal(
+        Outcome.REJECTED_OTHER.value, "no_upstream", 502, "no --upstream configured", None
+    )
+
+
+def data_app(service: AdmissionService, upstream: str | None) -> web.Application:
+    app = web.Application(client_max_size=1024**3)
+    app[SERVICE] = service
+    api.add_routes(app)
+    if upstream:
+        app[UPSTREAM] = upstream.rstrip("/")
+
+        async def session_ctx(app: web.Application) -> AsyncIterator[None]:
+            # No total timeout: a streamed completion may take minutes. Connect is bounded.
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+            async with aiohttp.ClientSession(
+                timeout=timeout, connector=connector, auto_decompress=False
+            ) as session:
+                app[SESSION] = session
+                yield
+
+        app.cleanup_ctx.append(session_ctx)
+        app.router.add_route("*", "/{tail:.*}", proxy)
+    else:
+        app.router.add_route("*", "/{tail:.*}", _no_upstream)
+    return app
+
+
+def admin_app(service: AdmissionService) -> web.Application:
+    app = web.Application()
+    app[SERVICE] = service
+    admin.add_routes(app)
+    return app
+
+
+async def start_service(service: AdmissionService) -> None:
+    """Configures the pool and starts the replica's loops; tolerates Redis being down at start."""
+    try:
+        await service.controller.start()
+    except StoreError as exc:
+        log.warning("Redis unavailable at start (%s); will keep trying", exc)
+        service.controller.start_loops()
+
+
+async def stop_service(service: AdmissionService) -> None:
+    await service.controller.stop(deregister=True)
+    store = service.controller.store
+    await store.client.aclose()
+    if store.inbox_client is not store.client:
+        await store.inbox_client.aclose()
+
+
+class Server:
+    """Both ports of one replica; ``run`` serves until SIGTERM/SIGINT, then drains."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.service = build_service(options.config, options.redis_url, options.replica_id)
+        self._runners: list[web.AppRunner] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await start_service(self.service)
+        apps = [
+            (data_app(self.service, self.options.upstream), self.options.listen),
+            (admin_app(self.service), self.options.admin_listen),
+        ]
+        for app, (host, port) in apps:
+            # handler_cancellation: a client that disconnects cancels its handler, which removes
+            # its queued request or frees its slot.
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            self._runners.append(runner)
+        cfg = self.options.config
+        log.info(
+            "serving pool %s on %s:%d (admin %s:%d) as replica %s; store %s; upstream %s; limit %d",
+            cfg.pool,
+            *self.options.listen,
+            *self.options.admin_listen,
+            self.options.replica_id,
+            mask_url(self.options.redis_url) if self.options.redis_url else "embedded",
+            self.options.upstream or "-",
+            cfg.max_concurrency,
+        )
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stop.wait()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        grace = self.options.config.server.shutdown_grace_period
+        log.info("shutting down: not ready, draining for up to %.0fs", grace)
+        drained = await self.service.drain(grace)
+        for runner in self._runners:
+            await runner.cleanup()
+        await stop_service(self.service)
+        log.info("stopped (%s)", "drained" if drained else "grace period exceeded")

@@ -1,0 +1,157 @@
+"""Proxy mode: admit, forward to the upstream with both directions streamed, release at the end.
+
+The slot is released when the response ends, when forwarding fails, and when the client goes away
+(aiohttp cancels the handler: the queued request is removed, or the running one's slot freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.classify import CONTROL_HEADERS
+from sidecar.controller import Admission
+from sidecar.http.classifying import classify_request
+from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
+from sidecar.http.outcomes import (
+    FAIL_OPEN,
+    OUTCOME_HEADER,
+    REASON_HEADER,
+    WAIT_HEADER,
+    outcome_response,
+    refusal,
+)
+from sidecar.outcome import Outcome
+from sidecar.request import FlowControlRequest
+from sidecar.service import PASS_THROUGH
+
+access_log = logging.getLogger("sidecar.access")
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+CHUNK = 64 * 1024
+
+
+def forwardable(source: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones, those named by Connection, and ``drop``."""
+    listed = {h.strip().lower() for h in source.get("connection", "").split(",") if h.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in source.items():
+        lower = name.lower()
+        if lower not in drop and lower not in HOP_BY_HOP and lower not in listed:
+            out.add(name, value)
+    return out
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    started = time.perf_counter()
+    classified = classify_request(request, service.config)
+    if isinstance(classified, web.Response):
+        _log(request, classified.status, "bad_header", 0, None)
+        return classified
+    try:
+        decision = await service.admit(classified)
+    except asyncio.CancelledError:
+        wait = time.perf_counter() - started
+        service.metrics.record_outcome(
+            Outcome.EVICTED_CANCELLED, classified.priority, classified.fairness_id, wait
+        )
+        _log(request, 499, Outcome.EVICTED_CANCELLED, int(wait * 1000), classified)
+        raise
+    if isinstance(decision, web.Response):
+        _log(request, decision.status, decision.headers.get(REASON_HEADER, ""), 0, classified)
+        return decision
+    admission = None if decision is PASS_THROUGH else decision
+    if admission is not None and not admission.admitted:
+        _log(request, 0, admission.outcome, admission.wait_ms, classified)
+        return outcome_response(admission.outcome, f"request {admission.outcome.value}")
+    async with service.holding(admission):
+        return await _forward(request, classified, admission)
+
+
+async def _forward(
+    request: web.Request, classified: FlowControlRequest, admission: Admission | None
+) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    session = request.app[SESSION]
+    headers = forwardable(request.headers, CONTROL_HEADERS)
+    headers["x-request-id"] = classified.request_id
+    body = request.content if request.body_exists else None
+    outcome = Outcome.DISPATCHED.value if admission else FAIL_OPEN
+    wait_ms = admission.wait_ms if admission else 0
+    try:
+        async with session.request(
+            request.method,
+            upstream + request.rel_url.path_qs,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            auto_decompress=False,
+        ) as upstream_response:
+            response = web.StreamResponse(
+                status=upstream_response.status, reason=upstream_response.reason
+            )
+            response.headers.extend(
+                forwardable(upstream_response.headers, frozenset({"content-length"}))
+            )
+            if (
+                "content-length" in upstream_response.headers
+                and "content-encoding" not in upstream_response.headers
+            ):
+                response.content_length = int(upstream_response.headers["content-length"])
+            response.headers[OUTCOME_HEADER] = outcome
+            response.headers[WAIT_HEADER] = str(wait_ms)
+            response.headers["x-request-id"] = classified.request_id
+            await response.prepare(request)
+            async for chunk in upstream_response.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("upstream %s failed: %s", upstream, exc)
+        _log(request, 502, "upstream_error", wait_ms, classified)
+        return refusal(outcome, "upstream_error", 502, f"upstream failed: {exc}", None)
+    _log(request, response.status, outcome, wait_ms, classified)
+    return response
+
+
+def _log(
+    request: web.Request,
+    status: int,
+    outcome: str,
+    wait_ms: int,
+    classified: FlowControlRequest | None,
+) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    workload = classified.workload_id or "-" if classified else "-"
+    access_log.info(
+        "%s %s %s outcome=%s wait_ms=%d workload=%s criticality=%s priority=%s request_id=%s",
+        request.method,
+        request.rel_url.path,
+        status or "-",
+        outcome,
+        wait_ms,
+        workload,
+        classified.criticality if classified else "-",
+        classified.priority if classified else "-",
+        classified.request_id if classified else "-",
+    )

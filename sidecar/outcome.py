@@ -1,0 +1,42 @@
+"""Request outcomes (exactly one per request) and the status codes the Lua scripts return."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.StrEnum):
+    """Same words as GIE so its dashboards keep working."""
+
+    DISPATCHED = "dispatched"
+    REJECTED_CAPACITY = "rejected_capacity"
+    REJECTED_OTHER = "rejected_other"
+    EVICTED_TTL = "evicted_ttl"
+    EVICTED_CANCELLED = "evicted_cancelled"
+    EVICTED_OTHER = "evicted_other"
+
+
+class ScriptStatus(enum.IntEnum):
+    """First element of every script reply; mirrored in lua/includes/status.lua."""
+
+    QUEUED = 0
+    DISPATCHED = 1
+    REJECTED_CAPACITY = 2
+    EVICTED_TTL = 3
+    EVICTED_CANCELLED = 4
+    EVICTED_OTHER = 5
+    REJECTED_OTHER = 6
+    # Idempotent no-op: the item was not found where the caller expected it.
+    NOT_FOUND = 7
+    # Errors: the pool's configuration is missing (Redis restarted empty) -> configure and retry.
+    NO_CONFIG = -1
+
+
+STATUS_OUTCOME: dict[int, Outcome] = {
+    ScriptStatus.DISPATCHED: Outcome.DISPATCHED,
+    ScriptStatus.REJECTED_CAPACITY: Outcome.REJECTED_CAPACITY,
+    ScriptStatus.EVICTED_TTL: Outcome.EVICTED_TTL,
+    ScriptStatus.EVICTED_CANCELLED: Outcome.EVICTED_CANCELLED,
+    ScriptStatus.EVICTED_OTHER: Outcome.EVICTED_OTHER,
+    ScriptStatus.REJECTED_OTHER: Outcome.REJECTED_OTHER,
+}

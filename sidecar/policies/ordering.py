@@ -1,0 +1,102 @@
+"""Reference implementations of the ordering policies.
+
+Dispatch runs in Lua (lua/includes/ordering.lua); these classes compute the same sort keys with
+the same floating-point operations in the same order, so tests can compare dispatch orders exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import msgspec
+
+from sidecar.policies.base import OrderingPolicy, QueuedItem, WorkloadView, register_ordering
+
+
+@register_ordering
+class FcfsOrdering(OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """First come, first served."""
+
+    type_name: ClassVar[str] = "fcfs-ordering-policy"
+    lua_code: ClassVar[str] = "fcfs"
+
+    def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
+        return float(item.seq)
+
+
+@register_ordering
+class EdfOrdering(OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Earliest deadline (enqueue time + TTL) first."""
+
+    type_name: ClassVar[str] = "edf-ordering-policy"
+    lua_code: ClassVar[str] = "edf"
+
+    def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
+        return float(item.deadline_ms)
+
+
+@register_ordering
+class WorkloadAwareOrdering(
+    OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fields=True, rename="camel"
+):
+    """Orders by a score of the workload's average wait, its criticality and its request rate.
+
+    score = min(avgWait/maxWait, 1)*waitTimeWeight + (criticality/5)*criticalityWeight
+            - min(rate/maxRate, 1)*requestRateWeight [+ agingWeight * ownWait/maxWait]
+    Higher score first. The aging term is linear in time, so ordering by
+    ``base - agingWeight*enqueued/maxWait`` is exact with static keys (DESIGN §4).
+    """
+
+    type_name: ClassVar[str] = "workload-aware-ordering-policy"
+    lua_code: ClassVar[str] = "wa"
+
+    wait_time_weight: float = 0.4
+    criticality_weight: float = 0.4
+    request_rate_weight: float = 0.2
+    max_wait_time_seconds: float = 60.0
+    max_request_rate: float = 100.0
+    aging_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key, value in [
+            ("maxWaitTimeSeconds", self.max_wait_time_seconds),
+            ("maxRequestRate", self.max_request_rate),
+        ]:
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a finite number > 0")
+        for key, value in [
+            ("waitTimeWeight", self.wait_time_weight),
+            ("criticalityWeight", self.criticality_weight),
+            ("requestRateWeight", self.request_rate_weight),
+            ("agingWeight", self.aging_weight),
+        ]:
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{key} must be a finite number >= 0")
+
+    def score(self, criticality: int, metrics: WorkloadView) -> float:
+        """The reference score at one instant, without the aging term."""
+        wait_part = (
+            min(metrics.avg_wait_s / self.max_wait_time_seconds, 1.0) * self.wait_time_weight
+        )
+        crit_part = (criticality / 5.0) * self.criticality_weight
+        rate_part = (
+            min(metrics.request_rate / self.max_request_rate, 1.0) * self.request_rate_weight
+        )
+        return wait_part + crit_part - rate_part
+
+    def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
+        # Negated so that lower keys go first, like every other policy. ``enqueued_ms`` is relative
+        # to the pool's epoch, which keeps the aging product small and exact enough.
+        age_part = self.aging_weight * (item.enqueued_ms / 1000.0) / self.max_wait_time_seconds
+        return -(self.score(item.criticality, metrics) - age_part)
+
+    def lua_parameters(self) -> list[float]:
+        return [
+            self.wait_time_weight,
+            self.criticality_weight,
+            self.request_rate_weight,
+            self.max_wait_time_seconds,
+            self.max_request_rate,
+            self.aging_weight,
+        ]

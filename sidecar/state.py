@@ -1,0 +1,168 @@
+"""A read-only snapshot of a pool's live state: bands, flows, lanes, workloads, replicas.
+
+Served as JSON on the admin port, printed by ``admission-sidecar status`` and exported as the
+pool-wide gauges. Reads only; bounded by ``limit`` per list so a huge pool stays cheap to inspect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import msgspec
+
+from sidecar.policies import WorkloadAwareOrdering
+from sidecar.registry import METRIC_FIELDS, metrics_from_hash
+from sidecar.store.pool import PoolStore
+
+
+class LaneState(msgspec.Struct):
+    lane: str
+    flow: str
+    workload_id: str  # "" for anonymous (or for fcfs/edf lanes, which hold a whole flow)
+    criticality: int
+    head_item: str
+    # Workload-aware: the head's current score (higher goes first). fcfs: sequence; edf: deadline.
+    rank_key: float
+    score: float | None
+
+
+class FlowState(msgspec.Struct):
+    flow: str
+    queued: int
+
+
+class BandState(msgspec.Struct):
+    priority: int
+    queued: int
+    queued_bytes: int
+    fairness: str
+    ordering: str
+    flows: list[FlowState]
+    lanes: list[LaneState]
+
+
+class WorkloadState(msgspec.Struct):
+    workload_id: str
+    request_rate: float
+    avg_wait_s: float
+    active: int
+    dispatched: int
+    # Score under the default band's policy at criticality 3 (None: not workload-aware).
+    score_at_criticality_3: float | None
+
+
+class ReplicaState(msgspec.Struct):
+    replica_id: str
+    lease_left_ms: int
+    owned: int
+
+
+class PoolState(msgspec.Struct):
+    pool: str
+    max_concurrency: int
+    inflight: int
+    saturation: float
+    queued: int
+    queued_bytes: int
+    bands: list[BandState]
+    workloads: list[WorkloadState]
+    replicas: list[ReplicaState]
+    anonymous_active: int
+
+
+def _int(value: Any) -> int:
+    return int(value) if value is not None else 0
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = None) -> PoolState:
+    client, cfg = store.client, store.config
+    rel_now = await store.pool_time(now)
+    stats = await client.hgetall(store.key("stats"))
+    stats = {_text(k): v for k, v in stats.items()}
+    cfg_limit = _int(await client.hget(store.key("cfg"), "limit")) or cfg.max_concurrency
+    inflight = _int(stats.get("inflight"))
+    bands = [
+        await _band(store, int(_text(b)), limit)
+        for b in await client.zrevrange(store.key("bands"), 0, -1)
+    ]
+    window_ms = round(cfg.workload_registry.request_rate_window * 1000)
+    default_policy = cfg.band(0).ordering
+    workloads = []
+    for wid in await client.zrevrange(store.key("workloads"), 0, limit - 1):
+        name = _text(wid)
+        fields = await client.hmget(store.key("w:" + name), *METRIC_FIELDS)
+        m = metrics_from_hash(unquote(name), fields, rel_now, window_ms)
+        score = (
+            default_policy.score(3, m.view())
+            if isinstance(default_policy, WorkloadAwareOrdering)
+            else None
+        )
+        workloads.append(
+            WorkloadState(
+                m.workload_id, m.request_rate, m.avg_wait_s, m.active, m.dispatched, score
+            )
+        )
+    replicas = []
+    for rid, expiry in await client.zrange(store.key("replicas"), 0, limit - 1, withscores=True):
+        owned = await client.scard(store.key("own:" + _text(rid)))
+        replicas.append(ReplicaState(_text(rid), int(expiry) - rel_now, owned))
+    return PoolState(
+        pool=cfg.pool,
+        max_concurrency=cfg_limit,
+        inflight=inflight,
+        saturation=inflight / cfg_limit if cfg_limit else 0.0,
+        queued=_int(stats.get("qn")),
+        queued_bytes=_int(stats.get("qbytes")),
+        bands=bands,
+        workloads=workloads,
+        replicas=replicas,
+        anonymous_active=max(_int(await client.hget(store.key("anon"), "active")), 0),
+    )
+
+
+async def _band(store: PoolStore, priority: int, limit: int) -> BandState:
+    client = store.client
+    band = store.config.band(priority)
+    counts = await client.hgetall(store.key(f"band:{priority}"))
+    counts = {_text(k): v for k, v in counts.items()}
+    flows = []
+    for key, n in (await client.hgetall(store.key("flowlen"))).items():
+        band_part, _, flow = _text(key).partition("|")
+        if band_part == str(priority):
+            flows.append(FlowState(unquote(flow), int(n)))
+    flows.sort(key=lambda f: f.flow)
+    ranksets = (
+        [store.key(f"rank:{priority}:{f.flow}") for f in flows]
+        if band.fairness.lua_code == "rr"
+        else [store.key(f"rank:{priority}")]
+    )
+    lanes = []
+    for rankset in ranksets:
+        for member, key in await client.zrange(rankset, 0, limit - 1, withscores=True):
+            lanes.append(_lane(_text(member), float(key), band.ordering.lua_code == "wa"))
+    lanes.sort(key=lambda lane: lane.rank_key)
+    return BandState(
+        priority=priority,
+        queued=_int(counts.get("n")),
+        queued_bytes=_int(counts.get("bytes")),
+        fairness=band.fairness.type_name,
+        ordering=band.ordering.type_name,
+        flows=flows,
+        lanes=lanes[:limit],
+    )
+
+
+def _lane(member: str, key: float, workload_aware: bool) -> LaneState:
+    head, lane = member[:16], member[16:]
+    parts = lane.split("|")
+    workload = unquote(parts[2]) if len(parts) > 2 else ""
+    criticality = int(parts[3]) if len(parts) > 3 else 0
+    # A workload-aware rank key is minus the score (plus the static aging offset).
+    return LaneState(
+        lane, unquote(parts[1]), workload, criticality, head, key, -key if workload_aware else None
+    )

@@ -1,0 +1,246 @@
+"""Typed access to one pool's scripts and state.
+
+The same class serves a real Redis (standalone, Sentinel-resolved or cluster) and the embedded
+store (fakeredis with Lua): the scripts are the whole behaviour, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from sidecar.config import Config, ResolvedBand
+from sidecar.errors import ConfigConflictError, StoreError
+from sidecar.keys import pool_prefix
+from sidecar.outcome import ScriptStatus
+from sidecar.policies import WorkloadAwareOrdering
+from sidecar.store.scripts import load_scripts
+
+log = logging.getLogger(__name__)
+
+_CONFLICT = -2
+# Scripts whose second run changes nothing the first did not (TimeoutError is never retried: the
+# first run may still be executing).
+IDEMPOTENT_SCRIPTS = frozenset(
+    {"configure", "release", "cancel", "heartbeat", "maintain", "renew", "reregister"}
+)
+
+
+class Delivery(NamedTuple):
+    """An outcome for an item owned by the caller, reported by a script or read from the inbox."""
+
+    item_id: str
+    status: ScriptStatus
+    wait_ms: int
+
+    @classmethod
+    def parse(cls, raw: bytes | str) -> Delivery:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        item_id, status, wait = text.split("|")
+        return cls(item_id, ScriptStatus(int(status)), int(wait))
+
+
+class ScriptReply(NamedTuple):
+    status: ScriptStatus
+    item_id: str
+    detail: str
+    deliveries: list[Delivery]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _parse_reply(raw: Sequence[Any]) -> ScriptReply:
+    status = ScriptStatus(int(raw[0]))
+    if len(raw) < 3:
+        return ScriptReply(status, "", "", [])
+    return ScriptReply(status, _text(raw[1]), _text(raw[2]), [Delivery.parse(r) for r in raw[3:]])
+
+
+def encode_band(band: ResolvedBand) -> str:
+    """A band as configure.lua expects it: 'fairness|ordering|maxReq|maxBytes|<policy numbers>'."""
+    ordering = band.ordering
+    numbers = ordering.lua_parameters() if isinstance(ordering, WorkloadAwareOrdering) else [0] * 6
+    fields = [
+        band.fairness.lua_code,
+        ordering.lua_code,
+        band.max_requests,
+        band.max_bytes,
+        *numbers,
+    ]
+    return "|".join(repr(f) if isinstance(f, float) else str(f) for f in fields)
+
+
+def encode_config(config: Config) -> list[str]:
+    fc, reg = config.flow_control, config.workload_registry
+    pairs: dict[str, object] = {
+        "limit": config.max_concurrency,
+        "maxReq": fc.max_requests,
+        "maxBytes": int(fc.max_bytes),
+        "win": round(reg.request_rate_window * 1000),
+        "alpha": repr(float(reg.ema_alpha)),
+        "idle": round(reg.idle_timeout * 1000),
+        "maxTracked": reg.max_tracked,
+        "band:*": encode_band(config.band(0)),
+    }
+    for priority, band in config.bands.items():
+        pairs[f"band:{priority}"] = encode_band(band)
+    return [str(x) for kv in pairs.items() for x in kv]
+
+
+class PoolStore:
+    """One pool's state, shared by every replica through its scripts. Times are absolute ms."""
+
+    def __init__(
+        self,
+        client: Any,
+        config: Config,
+        replica_id: str,
+        *,
+        inbox_client: Any = None,
+        timer: Callable[[str], AbstractContextManager[None]] | None = None,
+    ) -> None:
+        # Wraps every script call (metrics: latency and errors per script).
+        self._timer = timer or (lambda _name: nullcontext())
+        self.client = client
+        # Blocking pops hold a connection for seconds: they get their own client, whose socket
+        # timeout is longer than the block, so the main client's short timeout stays strict.
+        self.inbox_client = inbox_client if inbox_client is not None else client
+        self.config = config
+        self.replica_id = replica_id
+        self.prefix = pool_prefix(config.pool)
+        self._keys = [self.prefix]
+        self._scripts = load_scripts(client)
+        self._config_args = encode_config(config)
+
+    def key(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    async def _run(self, name: str, args: Sequence[object]) -> list[Any]:
+        script = self._scripts[name]
+        try:
+            with self._timer(name):
+                return await self._run_once(script, name, args)
+        except RedisError as exc:
+            raise StoreError(f"{name}: {exc}") from exc
+
+    async def _run_once(self, script: Any, name: str, args: Sequence[object]) -> list[Any]:
+        try:
+            result: list[Any] = await script(keys=self._keys, args=list(args))
+        except RedisConnectionError:
+            # A pooled connection can be dead (Redis restarted). Retry once on a fresh one, but
+            # only scripts that are safe to run twice: a repeated enqueue would take two places.
+            if name not in IDEMPOTENT_SCRIPTS:
+                raise
+            result = await script(keys=self._keys, args=list(args))
+        return result
+
+    async def _call(self, name: str, now: int | None, *args: object) -> list[Any]:
+        """Runs a script; if the pool has no configuration (Redis restarted empty), writes it
+        and retries."""
+        stamp = "" if now is None else str(now)
+        raw = await self._run(name, [stamp, *args])
+        if raw and int(raw[0]) == ScriptStatus.NO_CONFIG:
+            log.warning(
+                "pool %s has no configuration in Redis (restarted?); writing it", self.config.pool
+            )
+            await self.configure(now)
+            raw = await self._run(name, [stamp, *args])
+        return raw
+
+    async def configure(self, now: int | None = None) -> bool:
+        """Writes this replica's configuration; True if the pool was fresh."""
+        raw = await self._run("configure", ["" if now is None else str(now), *self._config_args])
+        if int(raw[0]) == _CONFLICT:
+            raise ConfigConflictError(
+                f"band {_text(raw[1])} has queued requests under a different fairness or ordering "
+                "policy; drain it before changing its policies"
+            )
+        return int(raw[0]) == 1
+
+    async def enqueue(
+        self,
+        *,
+        band: int,
+        flow: str,
+        workload: str,
+        criticality: int,
+        byte_size: int,
+        ttl_ms: int,
+        lease_ms: int = 0,
+        now: int | None = None,
+    ) -> ScriptReply:
+        """Flow and workload must already be escaped (sidecar.keys.escape_id)."""
+        raw = await self._call(
+            "enqueue",
+            now,
+            self.replica_id,
+            band,
+            flow,
+            workload,
+            criticality,
+            byte_size,
+            ttl_ms,
+            lease_ms,
+        )
+        return _parse_reply(raw)
+
+    async def release(self, item_id: str, now: int | None = None) -> ScriptReply:
+        return _parse_reply(await self._call("release", now, self.replica_id, item_id))
+
+    async def cancel(
+        self, item_id: str, reason: ScriptStatus, now: int | None = None
+    ) -> ScriptReply:
+        return _parse_reply(await self._call("cancel", now, self.replica_id, item_id, int(reason)))
+
+    async def heartbeat(self, lease_ms: int, now: int | None = None) -> bool:
+        """Renews this replica's lease; False if Redis did not know it (re-register holdings)."""
+        raw = await self._call("heartbeat", now, self.replica_id, lease_ms)
+        return int(raw[0]) == 1
+
+    async def maintain(
+        self, interval_ms: int, budget: int = 500, *, force: bool = False, now: int | None = None
+    ) -> list[Delivery]:
+        raw = await self._call(
+            "maintain", now, self.replica_id, interval_ms, budget, "1" if force else "0"
+        )
+        return [Delivery.parse(r) for r in raw[3:]]
+
+    async def renew(self, item_id: str, lease_ms: int, now: int | None = None) -> bool:
+        raw = await self._call("renew", now, item_id, lease_ms)
+        return int(raw[0]) == 1
+
+    async def reregister(self, held: Sequence[tuple[str, str]], now: int | None = None) -> int:
+        """Puts back in-flight slots this replica holds: (item id, escaped workload id) pairs."""
+        flat = [x for pair in held for x in pair]
+        raw = await self._call("reregister", now, self.replica_id, *flat)
+        return int(raw[0])
+
+    async def pool_time(self, now: int | None = None) -> int:
+        """Pool-relative ms (the scripts' clock): ``now`` or Redis TIME, minus the pool's epoch."""
+        try:
+            epoch = await self.client.hget(self.key("cfg"), "epoch")
+            if now is None:
+                secs, micros = await self.client.time()
+                now = int(secs) * 1000 + int(micros) // 1000
+        except RedisError as exc:
+            raise StoreError(f"time: {exc}") from exc
+        return now - int(epoch or 0)
+
+    async def pop_inbox(self, timeout_s: float) -> list[Delivery]:
+        """Blocks up to ``timeout_s`` for wake-ups, then drains what else is waiting."""
+        key = self.key(f"inbox:{self.replica_id}")
+        try:
+            first = await self.inbox_client.blpop([key], timeout=timeout_s)
+            if first is None:
+                return []
+            rest = await self.inbox_client.lpop(key, 1000) or []
+        except RedisError as exc:
+            raise StoreError(f"inbox: {exc}") from exc
+        return [Delivery.parse(first[1]), *(Delivery.parse(r) for r in rest)]

@@ -1,0 +1,67 @@
+"""Backend matrix: every store test runs on fakeredis and on a real redis-server of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from sidecar.config import Config, load_config
+from sidecar.store import PoolStore
+from sidecar.store.connect import connect
+from tests.redis_proc import RedisProcess
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisProcess]:
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+class Backend:
+    """Makes stores (one per replica) that share one pool state."""
+
+    def __init__(self, name: str, make_client: Callable[[], Any]) -> None:
+        self.name = name
+        self._make_client = make_client
+        self.clients: list[Any] = []
+
+    def client(self) -> Any:
+        c = self._make_client()
+        self.clients.append(c)
+        return c
+
+    def store(self, config: Config, replica_id: str = "r1") -> PoolStore:
+        return PoolStore(self.client(), config, replica_id, inbox_client=self.client())
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.aclose()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("fake", id="fake"),
+        pytest.param("redis", marks=pytest.mark.redis, id="redis"),
+    ]
+)
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "fake":
+        server = fakeredis.FakeServer()
+        b = Backend("fake", lambda: fakeredis.FakeAsyncRedis(server=server, max_connections=10**6))
+    else:
+        url = request.getfixturevalue("redis_server").url
+        b = Backend("redis", lambda: connect(url, timeout_s=5.0)[0])
+        await b.client().flushall()
+    yield b
+    await b.close()
+
+
+def make_config(limit: int = 1, **overrides: Any) -> Config:
+    """A config from a mapping in the YAML's own names, with maxConcurrency = ``limit``."""
+    raw: dict[str, Any] = {"saturationDetector": {"parameters": {"maxConcurrency": limit}}}
+    raw.update(overrides)
+    return load_config(raw)

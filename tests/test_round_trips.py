@@ -1,0 +1,60 @@
+"""The fast path costs one Redis command to admit and one to release, counted by Redis itself."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis import asyncio as aioredis
+
+from sidecar.controller import FlowController
+from sidecar.request import FlowControlRequest
+from sidecar.workload import WorkloadContext
+from sidecar.store import PoolStore
+from sidecar.store.connect import connect
+from tests.conftest import Backend, make_config
+from tests.redis_proc import RedisProcess
+
+
+@pytest.mark.redis
+async def test_fast_path_is_one_script_call_each_way(redis_server: RedisProcess) -> None:
+    client, _ = connect(redis_server.url, timeout_s=5.0)
+    await client.flushall()
+    ctrl = FlowController(PoolStore(client, make_config(limit=4), "r1"))
+    await ctrl.start(loops=False)
+    request = FlowControlRequest(request_id="r", workload=WorkloadContext("w", 4))
+    warm = await ctrl.enqueue_and_wait(request)  # loads the scripts (NOSCRIPT -> SCRIPT LOAD)
+    await ctrl.release(warm.item_id)
+
+    # MONITOR shows every command a client sends (commands run inside scripts show as "lua").
+    watcher = aioredis.from_url(redis_server.url)
+    monitoring = asyncio.Event()
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async with watcher.monitor() as monitor:
+            monitoring.set()
+            async for cmd in monitor.listen():
+                if cmd["command"] == "ECHO end-of-test":
+                    return
+                if cmd["client_type"] != "lua":
+                    seen.append(cmd["command"].split()[0].upper())
+
+    watching = asyncio.create_task(watch())
+    await monitoring.wait()
+    admission = await ctrl.enqueue_and_wait(request)
+    assert admission.admitted
+    assert await ctrl.release(admission.item_id)
+    await client.echo("end-of-test")
+    await watching
+    assert seen == ["EVALSHA", "EVALSHA"]
+    await watcher.aclose()
+    await client.aclose()
+
+
+async def test_backend_fixture_is_used(backend: Backend) -> None:
+    """The same admission works on both backends (guards the matrix itself)."""
+    ctrl = FlowController(backend.store(make_config(limit=1)))
+    await ctrl.start(loops=False)
+    admission = await ctrl.enqueue_and_wait(FlowControlRequest(request_id="r"))
+    assert admission.admitted and await ctrl.release(admission.item_id)

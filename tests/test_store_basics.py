@@ -1,0 +1,230 @@
+"""State transitions of the Lua scripts, on fakeredis and on a real redis-server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.outcome import ScriptStatus
+from sidecar.store import PoolStore
+from tests.conftest import Backend, make_config
+
+TTL = 60_000
+
+
+async def enq(store: PoolStore, now: int, workload: str = "", **kw: Any) -> Any:
+    args: dict[str, Any] = {
+        "band": 0,
+        "flow": "f",
+        "workload": workload,
+        "criticality": 3,
+        "byte_size": 10,
+        "ttl_ms": TTL,
+    }
+    args.update(kw)
+    return await store.enqueue(now=now, **args)
+
+
+async def drain(store: PoolStore, first: str, now: int) -> list[str]:
+    """Releases the slot held by ``first`` and then each dispatched item in turn (limit 1)."""
+    order: list[str] = []
+    current = first
+    while True:
+        reply = await store.release(current, now=now)
+        assert reply.status is ScriptStatus.DISPATCHED
+        if not reply.deliveries:
+            return order
+        (delivery,) = reply.deliveries
+        assert delivery.status is ScriptStatus.DISPATCHED
+        order.append(delivery.item_id)
+        current = delivery.item_id
+
+
+async def test_fast_path_dispatches_and_release_is_idempotent(backend: Backend) -> None:
+    store = backend.store(make_config(limit=2))
+    await store.configure(now=0)
+    a = await enq(store, 1000)
+    b = await enq(store, 1000)
+    c = await enq(store, 1000)
+    assert (a.status, b.status, c.status) == (
+        ScriptStatus.DISPATCHED,
+        ScriptStatus.DISPATCHED,
+        ScriptStatus.QUEUED,
+    )
+    released = await store.release(a.item_id, now=1500)
+    assert released.status is ScriptStatus.DISPATCHED
+    assert [(d.item_id, d.status, d.wait_ms) for d in released.deliveries] == [
+        (c.item_id, ScriptStatus.DISPATCHED, 500)
+    ]
+    again = await store.release(a.item_id, now=1600)
+    assert again.status is ScriptStatus.NOT_FOUND and again.deliveries == []
+    stats = await store.client.hgetall(store.key("stats"))
+    assert int(stats[b"inflight"]) == 2 and int(stats[b"qn"]) == 0
+
+
+async def test_strict_priority_across_bands(backend: Backend) -> None:
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    low = await enq(store, 2, band=-1)
+    mid = await enq(store, 3, band=0)
+    high = await enq(store, 4, band=100)
+    assert await drain(store, first.item_id, 10) == [high.item_id, mid.item_id, low.item_id]
+
+
+async def test_fcfs_and_edf_orderings(backend: Backend) -> None:
+    cfg = make_config(
+        limit=1,
+        flowControl={
+            "priorityBands": [
+                {"priority": 1, "orderingPolicy": {"type": "fcfs-ordering-policy"}},
+                {"priority": 2, "orderingPolicy": {"type": "edf-ordering-policy"}},
+            ]
+        },
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    fcfs = [(await enq(store, 10 + i, band=1, criticality=5 - i)).item_id for i in range(3)]
+    assert await drain(store, first.item_id, 100) == fcfs
+    first = await enq(store, 200)
+    late = await enq(store, 201, band=2, ttl_ms=9_000)
+    early = await enq(store, 202, band=2, ttl_ms=1_000)
+    same = await enq(store, 203, band=2, ttl_ms=999)  # same deadline as `early`: enqueue order
+    assert await drain(store, first.item_id, 300) == [early.item_id, same.item_id, late.item_id]
+
+
+async def test_round_robin_fairness_alternates_flows(backend: Backend) -> None:
+    cfg = make_config(
+        limit=1,
+        flowControl={
+            "defaultPriorityBand": {
+                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
+                "orderingPolicy": {"type": "fcfs-ordering-policy"},
+            }
+        },
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    a = [(await enq(store, 2, flow="a")).item_id for _ in range(3)]
+    b = [(await enq(store, 3, flow="b")).item_id for _ in range(2)]
+    c = [(await enq(store, 4, flow="c")).item_id for _ in range(1)]
+    order = await drain(store, first.item_id, 10)
+    assert order == [a[0], b[0], c[0], a[1], b[1], a[2]]
+
+
+async def test_global_strict_fairness_takes_best_head_across_flows(backend: Backend) -> None:
+    cfg = make_config(
+        limit=1,
+        flowControl={"defaultPriorityBand": {"orderingPolicy": {"type": "fcfs-ordering-policy"}}},
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    ids = [(await enq(store, 2 + i, flow=f)).item_id for i, f in enumerate("abab")]
+    assert await drain(store, first.item_id, 10) == ids
+
+
+async def test_queue_caps_reject_with_capacity(backend: Backend) -> None:
+    cfg = make_config(
+        limit=1,
+        flowControl={
+            "maxRequests": 3,
+            "maxBytes": 1000,
+            "priorityBands": [{"priority": 5, "maxRequests": 1}, {"priority": 6, "maxBytes": 100}],
+        },
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    await enq(store, 1)  # in flight: caps count queued requests only
+    assert (await enq(store, 2, band=5)).status is ScriptStatus.QUEUED
+    assert (await enq(store, 3, band=5)).status is ScriptStatus.REJECTED_CAPACITY  # band requests
+    assert (await enq(store, 4, band=6, byte_size=101)).status is ScriptStatus.REJECTED_CAPACITY
+    assert (await enq(store, 5, band=6, byte_size=100)).status is ScriptStatus.QUEUED
+    assert (await enq(store, 6, byte_size=900)).status is ScriptStatus.REJECTED_CAPACITY  # bytes
+    assert (await enq(store, 7)).status is ScriptStatus.QUEUED
+    assert (await enq(store, 8)).status is ScriptStatus.REJECTED_CAPACITY  # global requests
+
+
+async def test_cancel_removes_queued_and_releases_raced(backend: Backend) -> None:
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    queued = await enq(store, 2)
+    cancelled = await store.cancel(queued.item_id, ScriptStatus.EVICTED_CANCELLED, now=3)
+    assert cancelled.status is ScriptStatus.EVICTED_CANCELLED
+    assert await store.client.hget(store.key("items"), queued.item_id) is None
+    # Never dispatched afterwards: releasing the slot dispatches nothing.
+    assert (await store.release(first.item_id, now=4)).deliveries == []
+    # A cancel that races a dispatch frees the slot at once.
+    holder = await enq(store, 5)
+    raced = await enq(store, 6)
+    dispatched = await store.release(holder.item_id, now=7)
+    assert dispatched.deliveries[0].item_id == raced.item_id
+    late = await store.cancel(raced.item_id, ScriptStatus.EVICTED_CANCELLED, now=8)
+    assert (late.status, late.detail) == (ScriptStatus.DISPATCHED, "released")
+    assert int(await store.client.hget(store.key("stats"), "inflight")) == 0
+
+
+async def test_ttl_eviction_by_maintenance_notifies_owner_inbox(backend: Backend) -> None:
+    cfg = make_config(limit=1)
+    owner, other = backend.store(cfg, "owner"), backend.store(cfg, "other")
+    await owner.configure(now=0)
+    await enq(other, 1)
+    expiring = await enq(owner, 2, ttl_ms=100)
+    assert await other.maintain(1000, now=50) == []
+    assert await other.maintain(1000, force=True, now=102) == []
+    deliveries = await owner.pop_inbox(0.1)
+    assert [(d.item_id, d.status, d.wait_ms) for d in deliveries] == [
+        (expiring.item_id, ScriptStatus.EVICTED_TTL, 100)
+    ]
+    stats = await owner.client.hgetall(owner.key("stats"))
+    assert int(stats[b"qn"]) == 0
+
+
+async def test_maintenance_runs_once_per_interval(backend: Backend) -> None:
+    store = backend.store(make_config())
+    await store.configure(now=0)
+    assert (await store._call("maintain", 1000, "r1", 1000, 10, "0"))[0] == 1
+    assert (await store._call("maintain", 1500, "r1", 1000, 10, "0"))[0] == 0
+    assert (await store._call("maintain", 2000, "r1", 1000, 10, "0"))[0] == 1
+
+
+async def test_dead_replica_slots_and_queue_are_reclaimed(backend: Backend) -> None:
+    cfg = make_config(limit=1)
+    dead, alive = backend.store(cfg, "dead"), backend.store(cfg, "alive")
+    await dead.configure(now=0)
+    assert not await dead.heartbeat(1000, now=0)
+    assert not await alive.heartbeat(1000, now=0)
+    held = await enq(dead, 10)
+    await enq(dead, 20)  # queued on the dead replica: its client is gone with it
+    mine = await enq(alive, 30)
+    assert await alive.heartbeat(1000, now=900)
+    assert await alive.maintain(100, force=True, now=999) == []  # lease not yet out
+    deliveries = await alive.maintain(100, force=True, now=1001)
+    assert [(d.item_id, d.status) for d in deliveries] == [(mine.item_id, ScriptStatus.DISPATCHED)]
+    assert await alive.client.hget(alive.key("inflight"), held.item_id) is None
+    assert await alive.client.zscore(alive.key("replicas"), "dead") is None
+    # The reclaimed replica comes back: it learns it was forgotten.
+    assert not await dead.heartbeat(1000, now=1100)
+
+
+async def test_ticket_leases_expire_unless_renewed(backend: Backend) -> None:
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    ticket = await enq(store, 1, lease_ms=100)
+    waiting = await enq(store, 2)
+    assert await store.renew(ticket.item_id, 100, now=90)
+    assert await store.maintain(10, force=True, now=150) == []
+    deliveries = await store.maintain(10, force=True, now=191)
+    assert [d.item_id for d in deliveries] == [waiting.item_id]
+    assert not await store.renew(ticket.item_id, 100, now=200)
+
+
+async def test_missing_config_is_rewritten_and_the_call_retried(backend: Backend) -> None:
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    await store.client.flushall()
+    reply = await enq(store, 5)
+    assert reply.status is ScriptStatus.DISPATCHED
+    assert await store.client.hget(store.key("cfg"), "limit") == b"1"

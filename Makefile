@@ -29,6 +29,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/ruff format --check sidecar tests bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 format: $(STAMP)
 	$(BIN)/ruff format sidecar tests bench
@@ -36,6 +37,10 @@ format: $(STAMP)
 
 bench: setup
 	$(BIN)/python -m bench.dispatch_depth
+
+# The quick start: needs no Redis (embedded store) and no system packages.
+demo: $(STAMP)
+	$(BIN)/admission-sidecar demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -57,7 +57,8 @@ def _effective(config: object) -> object:
     from sidecar.config import Config
 
     assert isinstance(config, Config)
-    out = msgspec.to_builtins(config, enc_hook=float)
+    # Sizes are int subclasses, durations float subclasses: print them as plain numbers.
+    out = msgspec.to_builtins(config, enc_hook=lambda v: int(v) if isinstance(v, int) else float(v))
     out["effectiveBands"] = {
         str(p): {
             "maxRequests": b.max_requests,

@@ -97,11 +97,14 @@ class AdmissionService:
         try:
             yield
         finally:
-            if admission is not None:
-                await asyncio.shield(self.release(admission.item_id))
-            self.active -= 1
-            if self.active == 0:
-                self._idle.set()
+            try:
+                if admission is not None:
+                    # Shielded: a client that disconnects now must not cancel its own release.
+                    await asyncio.shield(self.release(admission.item_id))
+            finally:
+                self.active -= 1
+                if self.active == 0:
+                    self._idle.set()
 
     async def drain(self, grace_s: float) -> bool:
         """Stops admitting, then waits up to ``grace_s`` for running requests. True if all ended."""

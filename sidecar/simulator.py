@@ -55,7 +55,8 @@ class SimulatedModel:
     async def _arrive(self, request: web.Request) -> Arrival:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
-        arrival = Arrival(request.path, dict(request.headers), time.monotonic(), self.in_flight)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        arrival = Arrival(request.path, headers, time.monotonic(), self.in_flight)
         self.arrivals.append(arrival)
         if self.on_arrival is not None:
             await self.on_arrival(arrival)

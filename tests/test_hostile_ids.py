@@ -1,4 +1,4 @@
-"""Header values can never reach another key, leave the pool's hash slot, or grow Redis unbounded."""
+"""Header values never reach another key, leave the pool's hash slot, or grow Redis unbounded."""
 
 from __future__ import annotations
 
@@ -49,7 +49,12 @@ async def test_hostile_ids_stay_inside_the_pool_slot(backend: Backend) -> None:
         # Through the header decoder (lenient): hostile ids fall back to anonymous / default flow.
         headers = {"x-workload-id": value, "x-gateway-inference-fairness-id": value}
         decoded = classify(
-            headers, pool="default", objectives={}, default_ttl_ms=1000, max_ttl_ms=1000, strict=False
+            headers,
+            pool="default",
+            objectives={},
+            default_ttl_ms=1000,
+            max_ttl_ms=1000,
+            strict=False,
         )
         # And straight into the engine, as a library user might, bypassing the decoder.
         direct = FlowControlRequest(

@@ -34,7 +34,7 @@ class Harness:
         return pending
 
     async def occupy(self) -> None:
-        pending = await self.submit("holder", "holder", 3)
+        await self.submit("holder", "holder", 3)
         self.holder = (await self.running.pop("holder")).item_id
 
     async def release_next(self) -> str:

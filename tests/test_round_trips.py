@@ -9,9 +9,9 @@ from redis import asyncio as aioredis
 
 from sidecar.controller import FlowController
 from sidecar.request import FlowControlRequest
-from sidecar.workload import WorkloadContext
 from sidecar.store import PoolStore
 from sidecar.store.connect import connect
+from sidecar.workload import WorkloadContext
 from tests.conftest import Backend, make_config
 from tests.redis_proc import RedisProcess
 

@@ -82,8 +82,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         return decision
     admission = None if decision is PASS_THROUGH else decision
     if admission is not None and not admission.admitted:
-        _log(request, 0, admission.outcome, admission.wait_ms, classified)
-        return outcome_response(admission.outcome, f"request {admission.outcome.value}")
+        refused = outcome_response(admission.outcome, f"request {admission.outcome.value}")
+        _log(request, refused.status, admission.outcome, admission.wait_ms, classified)
+        return refused
     async with service.holding(admission):
         return await _forward(request, classified, admission)
 

@@ -10,9 +10,6 @@
     reclaimed), -1 no config; then 'id|status|wait_ms' for each item of the caller dispatched here.
 ]]
 -- @include common
+-- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
-local now = clock(ARGV[1])
-local out = {}
-if not release_item(ARGV[3], now) then return reply(S_NOT_FOUND, ARGV[3], '', out) end
-dispatch_ready(ARGV[2], now, out)
-return reply(S_DISPATCHED, ARGV[3], '', out)
+return op_release(clock(ARGV[1]), ARGV[2], ARGV[3])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_CONF = ROOT / "deploy" / "examples" / "nginx.conf"
 RELAY = ROOT / "deploy" / "examples" / "nginx_release_relay.py"
 CHAT = "/v1/chat/completions"
-# Header names the client must never see and the model server must never get.
+# Classification headers are for the sidecar only: the model server must not get them.
 CLASSIFICATION = (
     "x-workload-id",
     "x-workload-criticality",
@@ -82,7 +83,7 @@ def sidecar_config(**overrides: Any) -> Config:
 def render_conf(
     prefix: Path, *, port: int, sidecar_port: int, model_port: int, relay_port: int | None
 ) -> str:
-    """The example config, made to run unprivileged-style inside ``prefix`` on test ports."""
+    """The example config on test ports, with every file it writes inside ``prefix``."""
     text = EXAMPLE_CONF.read_text()
     temp_paths = "".join(
         f"    {name}_temp_path {prefix}/tmp/{name};\n"
@@ -297,10 +298,10 @@ async def gateway(
             replica_id="nginx-test",
         )
     )
-    await server.start()
     sidecar = f"http://127.0.0.1:{sidecar_port}"
     gw: Gateway | None = None
     try:
+        await server.start()
         with scratch_dir() as prefix:
             async with contextlib.AsyncExitStack() as stack:
                 relay_port = (
@@ -463,6 +464,26 @@ async def test_client_leaving_while_queued_takes_its_request_out_of_the_queue(
         gw.assert_no_internal_errors()
 
 
+async def test_full_queue_is_429_rejected_capacity_at_once(nginx_bin: str) -> None:
+    async with gateway(nginx_bin, sidecar_config(flowControl={"maxRequests": 1})) as gw:
+        gate = gw.hold_upstream()
+        held = [asyncio.create_task(gw.send()) for _ in range(2)]
+        await eventually(lambda: len(gw.model.arrivals) == 2)
+        queued = asyncio.create_task(gw.send({"x-gateway-inference-ttl": "30s"}))
+        await eventually(lambda: gw.queued_is(1))
+        started = time.monotonic()
+        full = await gw.send({"x-gateway-inference-ttl": "30s"})
+        assert_denied(full, 429, "rejected_capacity", "rejected_capacity")
+        assert full.headers["retry-after"] == "1"
+        assert time.monotonic() - started < 5  # refused on arrival, not after its TTL
+        gate.set()
+        assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+        # The queued one gets a slot when a lease is released.
+        assert await gw.release(header(gw.model.arrivals[0], "x-admission-ticket") or "") is True
+        assert (await queued).status == 200
+        gw.assert_no_internal_errors()
+
+
 async def test_shutting_down_and_unreachable_sidecar_are_503_not_500(nginx_bin: str) -> None:
     async with gateway(nginx_bin, sidecar_config()) as gw:
         ok = await gw.send()
@@ -535,3 +556,18 @@ async def test_check_endpoint_status_contract(nginx_bin: str) -> None:
         for got in admitted:
             assert isinstance(got, CIMultiDictProxy)
             assert await gw.release(got["x-admission-ticket"]) is True
+
+
+def test_relay_reads_tickets_from_nginx_syslog_lines_only() -> None:
+    spec = importlib.util.spec_from_file_location("nginx_release_relay", RELAY)
+    assert spec is not None and spec.loader is not None
+    relay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(relay)
+    assert relay.parse_ticket(b"<190>Nov 28 08:40:48 admission: 0000000000000042") == (
+        "0000000000000042"
+    )
+    assert relay.parse_ticket(b"<190>Nov 28 08:40:48 admission: 0000000000000042\n") == (
+        "0000000000000042"
+    )
+    for junk in (b"", b"0000000000000042", b"<190>", b"<190>Nov 28 admission: a b;c", b"\xff\xfe"):
+        assert relay.parse_ticket(junk) is None, junk

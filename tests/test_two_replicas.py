@@ -64,7 +64,7 @@ async def test_global_limit_holds_across_replicas(backend: Backend) -> None:
     n_cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
     assert sum(outcomes.values()) + n_cancelled == REQUESTS  # exactly one outcome each
     assert 1 <= peak <= LIMIT
-    assert outcomes[Outcome.DISPATCHED] >= 100
+    assert outcomes[Outcome.DISPATCHED] >= REQUESTS // 10  # how many depends on timing
     # Short-TTL requests expire and a full queue rejects; nothing else happens to a request.
     assert set(outcomes) <= {Outcome.DISPATCHED, Outcome.EVICTED_TTL, Outcome.REJECTED_CAPACITY}
     for r in replicas:

@@ -19,6 +19,7 @@ from sidecar.errors import ConfigConflictError, StoreError
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
 from sidecar.policies import WorkloadAwareOrdering
+from sidecar.store.coalesce import Coalescer, Operation
 from sidecar.store.scripts import load_scripts
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class PoolStore:
         *,
         inbox_client: Any = None,
         timer: Callable[[str], AbstractContextManager[None]] | None = None,
+        coalesce: bool = True,
     ) -> None:
         # Wraps every script call (metrics: latency and errors per script).
         self._timer = timer or (lambda _name: nullcontext())
@@ -118,6 +120,8 @@ class PoolStore:
         self._keys = [self.prefix]
         self._scripts = load_scripts(client)
         self._config_args = encode_config(config)
+        # Calls with an explicit time (tests) go one by one; real-time calls are coalesced.
+        self._coalescer = Coalescer(self._send_batch) if coalesce else None
 
     def key(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -146,7 +150,7 @@ class PoolStore:
         and retries."""
         stamp = "" if now is None else str(now)
         raw = await self._run(name, [stamp, *args])
-        if raw and int(raw[0]) == ScriptStatus.NO_CONFIG:
+        if raw and not isinstance(raw[0], list) and int(raw[0]) == ScriptStatus.NO_CONFIG:
             log.warning(
                 "pool %s has no configuration in Redis (restarted?); writing it", self.config.pool
             )
@@ -177,22 +181,27 @@ class PoolStore:
         now: int | None = None,
     ) -> ScriptReply:
         """Flow and workload must already be escaped (sidecar.keys.escape_id)."""
-        raw = await self._call(
-            "enqueue",
-            now,
-            self.replica_id,
-            band,
-            flow,
-            workload,
-            criticality,
-            byte_size,
-            ttl_ms,
-            lease_ms,
-        )
-        return _parse_reply(raw)
+        args = [str(x) for x in (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms)]
+        if self._coalescer is not None and now is None:
+            reply: ScriptReply = await self._coalescer.submit(("e", args))
+            return reply
+        return _parse_reply(await self._call("enqueue", now, self.replica_id, *args))
 
     async def release(self, item_id: str, now: int | None = None) -> ScriptReply:
+        if self._coalescer is not None and now is None:
+            reply: ScriptReply = await self._coalescer.submit(("r", [item_id]))
+            return reply
         return _parse_reply(await self._call("release", now, self.replica_id, item_id))
+
+    async def _send_batch(self, ops: Sequence[Operation]) -> list[ScriptReply]:
+        """One round trip for coalesced operations (a lone one goes as its own script)."""
+        if len(ops) == 1:
+            ((kind, args),) = ops
+            name = "enqueue" if kind == "e" else "release"
+            return [_parse_reply(await self._call(name, None, self.replica_id, *args))]
+        flat = [x for kind, args in ops for x in (kind, *args)]
+        raw = await self._call("batch", None, self.replica_id, *flat)
+        return [_parse_reply(r) for r in raw]
 
     async def cancel(
         self, item_id: str, reason: ScriptStatus, now: int | None = None

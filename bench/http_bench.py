@@ -369,33 +369,36 @@ def wake_row(latencies: list[float]) -> Row:
 
 
 @contextlib.asynccontextmanager
-async def processes(plan: Plan) -> AsyncIterator[tuple[RedisProcess, dict[str, Served]]]:
+async def processes() -> AsyncIterator[tuple[RedisProcess, dict[str, Served]]]:
     """A private redis-server and every server process of the run, stopped at the end."""
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-http-bench-"))
     redis = RedisProcess().start()
     fleet = Fleet(workdir)
+    listen = f"--listen={HOST}:{{port}}"
     try:
         config = workdir / "sidecar.yaml"
         config.write_text(SIDECAR_CONFIG)
-        upstream = await fleet.serve(
-            "upstream", "bench.bare_proxy", "--listen", f"{HOST}:{{port}}", "--serve-upstream"
-        )
+        upstream = await fleet.serve("upstream", "bench.bare_proxy", listen, "--serve-upstream")
+        upstream_flag = f"--upstream={upstream.url}"
         servers = {
             "upstream": upstream,
-            "bare": await fleet.serve(
-                "bare", "bench.bare_proxy", f"--listen={HOST}:{{port}}", f"--upstream={upstream.url}"
-            ),
-            # The access log is off (warning level): the bare proxy writes none either.
-            "sidecar": await fleet.serve(
-                "sidecar", "sidecar", "--log-level=warning", "serve", f"--config={config}",
-                f"--listen={HOST}:{{port}}", f"--admin-listen={HOST}:{free_port()}",
-                f"--redis-url={redis.url}", f"--upstream={upstream.url}",
-            ),
+            "bare": await fleet.serve("bare", "bench.bare_proxy", listen, upstream_flag),
             "evalsha": await fleet.serve(
-                "evalsha", "bench.bare_proxy", f"--listen={HOST}:{{port}}",
-                f"--serve-evalsha={redis.url}",
+                "evalsha", "bench.bare_proxy", listen, f"--serve-evalsha={redis.url}"
             ),
-        }  # fmt: skip
+            # Log level warning turns the access log off: the bare proxy writes none either.
+            "sidecar": await fleet.serve(
+                "sidecar",
+                "sidecar",
+                "--log-level=warning",
+                "serve",
+                f"--config={config}",
+                listen,
+                f"--admin-listen={HOST}:{free_port()}",
+                f"--redis-url={redis.url}",
+                upstream_flag,
+            ),
+        }
         for served in servers.values():
             await fleet.ready(served)
         yield redis, servers
@@ -408,7 +411,7 @@ async def processes(plan: Plan) -> AsyncIterator[tuple[RedisProcess, dict[str, S
 async def run(quick: bool = False) -> list[Row]:
     """Rows 1, 2, 3 and 5; ``quick`` runs each for a moment (a smoke test, not a measurement)."""
     plan = QUICK if quick else FULL
-    async with processes(plan) as (redis, servers):
+    async with processes() as (redis, servers):
         bare, sidecar = servers["bare"].url + CHAT_PATH, servers["sidecar"].url + CHAT_PATH
         throughput = await alternate(plan, bare, sidecar, post=CHAT_BODY)
         rate = MODERATE_FRACTION * throughput.best_rps()[0]

@@ -62,8 +62,10 @@ class ResolvedBand(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FlowControlConfig(_Struct):
-    max_requests: int = 0  # all queued requests of the pool; 0 = unlimited
-    max_bytes: ByteSize = ByteSize(0)  # all queued bytes of the pool; 0 = unlimited
+    # All queued requests / bytes of the pool; 0 = unlimited. Bounded by default: every queued
+    # request also holds a connection open at the gateway, so an unbounded queue fails elsewhere.
+    max_requests: int = 10_000
+    max_bytes: ByteSize = ByteSize(2**30)
     default_request_ttl: Duration = msgspec.field(default=Duration(30.0), name="defaultRequestTTL")
     max_request_ttl: Duration = msgspec.field(default=Duration(300.0), name="maxRequestTTL")
     default_priority_band: BandConfig = msgspec.field(default_factory=BandConfig)

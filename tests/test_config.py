@@ -149,6 +149,8 @@ def test_empty_config_is_defaults(data: str | bytes | dict[str, Any] | None) -> 
         ordering=WorkloadAwareOrdering(),
     )
     assert cfg.redis.failure_mode is FailureMode.CLOSED
+    # The pool's queue is bounded by default; bands add no cap of their own unless configured.
+    assert (cfg.flow_control.max_requests, cfg.flow_control.max_bytes) == (10_000, 2**30)
 
 
 def test_band_inherits_only_what_it_leaves_out() -> None:

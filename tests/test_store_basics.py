@@ -228,3 +228,22 @@ async def test_missing_config_is_rewritten_and_the_call_retried(backend: Backend
     reply = await enq(store, 5)
     assert reply.status is ScriptStatus.DISPATCHED
     assert await store.client.hget(store.key("cfg"), "limit") == b"1"
+
+
+async def test_tickets_outlive_the_replica_that_issued_them(backend: Backend) -> None:
+    cfg = make_config(limit=2)
+    issuer, other = backend.store(cfg, "issuer"), backend.store(cfg, "other")
+    await issuer.configure(now=0)
+    await issuer.heartbeat(1000, now=0)
+    await other.heartbeat(100_000, now=0)
+    fast = await enq(issuer, 10, lease_ms=60_000)  # dispatched at once
+    blocker = await enq(other, 11)
+    queued = await enq(issuer, 12, lease_ms=60_000)  # dispatched later, by a release
+    await other.release(blocker.item_id, now=13)
+    # The issuer dies; its lease runs out and the others reclaim what it held.
+    await other.maintain(10, force=True, now=5_000)
+    inflight = await other.client.hkeys(other.key("inflight"))
+    assert {i.decode() for i in inflight} == {fast.item_id, queued.item_id}
+    # Only the tickets' own leases end them.
+    await other.maintain(10, force=True, now=60_020)
+    assert await other.client.hlen(other.key("inflight")) == 0

@@ -314,7 +314,12 @@ local function dispatch_item(id, caller, now, out)
   unqueue_item(id, rec, now)
   rcall('HSET', K_INFLIGHT, id, rec.owner .. '|' .. rec.wid)
   rcall('HINCRBY', K_STATS, 'inflight', 1)
-  if rec.lease > 0 then rcall('ZADD', K_LEASES, int(now + rec.lease), id) end
+  if rec.lease > 0 then
+    -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
+    -- replica that stops or dies does not take back tickets that are still in use.
+    rcall('ZADD', K_LEASES, int(now + rec.lease), id)
+    rcall('SREM', P .. 'own:' .. rec.owner, id)
+  end
   local wait = math.max(now - rec.enq, 0)
   record_wait(rec.wid, wait / 1000.0)
   if rec.wid ~= '' then rerank_workload(rec.wid, now) end

@@ -22,8 +22,12 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     rcall('HSET', K_INFLIGHT, id, caller .. '|' .. wid)
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('HINCRBY', wkey(wid), 'active', 1)
-    rcall('SADD', P .. 'own:' .. caller, id)
-    if lease > 0 then rcall('ZADD', K_LEASES, int(now + lease), id) end
+    -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
+    if lease > 0 then
+      rcall('ZADD', K_LEASES, int(now + lease), id)
+    else
+      rcall('SADD', P .. 'own:' .. caller, id)
+    end
     record_wait(wid, 0)
     return reply(S_DISPATCHED, id, '0', out)
   end

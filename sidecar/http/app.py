@@ -91,6 +91,25 @@ async def start_service(service: AdmissionService) -> None:
     except StoreError as exc:
         log.warning("Redis unavailable at start (%s); will keep trying", exc)
         service.controller.start_loops()
+        return
+    await log_store_facts(service.controller.store.client)
+
+
+async def log_store_facts(client: object) -> None:
+    """One start-up line with the Redis version and eviction policy: queues must not be evicted."""
+    try:
+        info = await client.info("server")  # type: ignore[attr-defined]
+        policy = (await client.config_get("maxmemory-policy")).get("maxmemory-policy", "?")  # type: ignore[attr-defined]
+    except Exception as exc:  # managed services may forbid CONFIG; the sidecar works regardless
+        log.info("store facts unavailable: %s", exc)
+        return
+    log.info("store: redis %s, maxmemory-policy %s", info.get("redis_version", "?"), policy)
+    if policy not in ("noeviction", "?"):
+        log.warning(
+            "maxmemory-policy is %s: Redis may evict queue keys under memory pressure; "
+            "use noeviction for the pool's Redis",
+            policy,
+        )
 
 
 async def stop_service(service: AdmissionService) -> None:

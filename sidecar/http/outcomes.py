@@ -11,6 +11,7 @@ OUTCOME_HEADER = "x-admission-outcome"
 REASON_HEADER = "x-admission-reason"
 WAIT_HEADER = "x-admission-wait-ms"
 TICKET_HEADER = "x-admission-ticket"
+STATUS_HEADER = "x-admission-status"
 
 # Reasons that are not outcomes of the queue itself.
 SHUTTING_DOWN = "shutting_down"
@@ -36,7 +37,9 @@ class Refusal(msgspec.Struct):
 def refusal(
     outcome: str, reason: str, status: int, message: str, retry_after: int | None
 ) -> web.Response:
-    headers = {OUTCOME_HEADER: outcome, REASON_HEADER: reason}
+    # The original status travels too: gateways that must remap it (nginx auth_request only
+    # passes 401/403) can restore it from this header.
+    headers = {OUTCOME_HEADER: outcome, REASON_HEADER: reason, STATUS_HEADER: str(status)}
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     body = msgspec.json.encode(Refusal(outcome, reason, message))

@@ -58,7 +58,7 @@ MODERATE_FRACTION = 0.3
 CHAT_PATH = "/v1/chat/completions"
 CHAT_BODY = '{"model":"m","messages":[{"role":"user","content":"hi"}]}'
 CLASSIFY_HEADERS = ("x-workload-id: bench", "x-workload-criticality: 3")
-# Capacity is free: admission runs its fast path, one script to admit and one to release.
+# Capacity is free, so admission takes its fast path: nothing ever queues.
 SIDECAR_CONFIG = """\
 pool: bench-http
 saturationDetector: {parameters: {maxConcurrency: 100000}}

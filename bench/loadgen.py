@@ -271,7 +271,8 @@ class LoadGenerator:
         workers = [asyncio.create_task(worker(c)) for c in conns]
         sent = 0
         while (now := time.perf_counter()) < until:
-            target = int((now - start) * rate)
+            # Request i is due at start + i / rate: all those due by now are sent now.
+            target = int((now - start) * rate) + 1
             for i in range(sent, target):
                 due.put_nowait(start + i / rate)
             sent = max(sent, target)

@@ -145,8 +145,7 @@ def structure_of(suffix: str) -> str:
 
 @dataclass
 class MemorySnapshot:
-    used: int  # INFO memory used_memory, less client buffers and the script cache
-    raw_used: int  # INFO memory used_memory as reported
+    used: int  # INFO memory used_memory
     by_structure: dict[str, int]  # MEMORY USAGE summed per structure
     keys: Counter[str]
     encodings: dict[str, Counter[str]]
@@ -156,7 +155,6 @@ class MemorySnapshot:
 class MemoryPoint:
     n: int
     used_delta: int
-    raw_delta: int
     structures: dict[str, int]  # MEMORY USAGE delta per structure
     keys: Counter[str]
     encodings: dict[str, Counter[str]]
@@ -171,41 +169,46 @@ class MemoryPoint:
         return self.bare_delta / self.n
 
 
-async def memory_snapshot(client: Any, prefix: str) -> MemorySnapshot:
+async def memory_snapshot(probe: Any, prefix: str) -> MemorySnapshot:
     by_structure: Counter[str] = Counter()
     keys: Counter[str] = Counter()
     encodings: dict[str, Counter[str]] = {}
-    async for raw in client.scan_iter(match=prefix + "*", count=1000):
+    async for raw in probe.scan_iter(match=prefix + "*", count=1000):
         key = raw.decode()
         name = structure_of(key.removeprefix(prefix))
-        by_structure[name] += int(await client.memory_usage(key, samples=0) or 0)
+        by_structure[name] += int(await probe.memory_usage(key, samples=0) or 0)
         keys[name] += 1
-        encoding = await client.object("encoding", key)
+        encoding = await probe.object("encoding", key)
         enc = encoding.decode() if isinstance(encoding, bytes) else str(encoding)
         encodings.setdefault(name, Counter())[enc] += 1
-    mem = await info(client, "memory")
-    raw = int(mem["used_memory"])
-    # Client buffers and the script cache do not grow with the queue (and vary with the number
-    # of connections the fill opened), so they are left out.
-    used = raw - int(mem["mem_clients_normal"]) - int(mem.get("used_memory_scripts", 0))
-    return MemorySnapshot(used, raw, dict(by_structure), keys, encodings)
+    used = int((await info(probe, "memory"))["used_memory"])
+    return MemorySnapshot(used, dict(by_structure), keys, encodings)
 
 
-async def bare_queue_delta(client: Any, items_key: str) -> int:
+async def quiesce(probe: Any, client: Any) -> None:
+    """Closes the fill's connections and waits until Redis has freed them: snapshots are taken
+    with the probe's one connection only, so client buffers never enter a delta."""
+    await client.connection_pool.disconnect()
+    deadline = time.monotonic() + 10
+    while int((await info(probe, "clients"))["connected_clients"]) > 1:
+        if time.monotonic() > deadline:
+            raise BenchError("memory: other clients stay connected")
+        await asyncio.sleep(0.01)
+
+
+async def bare_queue_delta(probe: Any, items_key: str) -> int:
     """used_memory of the same records as one hash plus one list of ids (then deleted)."""
     bare_items, bare_queue = "bench-bare:items", "bench-bare:queue"
-    before = int((await info(client, "memory"))["used_memory"])
-    pipe = client.pipeline(transaction=False)
-    queued = 0
-    async for item_id, record in client.hscan_iter(items_key, count=1000):
-        pipe.hset(bare_items, item_id, record)
-        pipe.rpush(bare_queue, item_id)
-        queued += 1
-        if queued % 1000 == 0:
-            await pipe.execute()
-    await pipe.execute()
-    after = int((await info(client, "memory"))["used_memory"])
-    await client.delete(bare_items, bare_queue)  # DEL frees at once (UNLINK may free later)
+    records = [kv async for kv in probe.hscan_iter(items_key, count=1000)]
+    before = int((await info(probe, "memory"))["used_memory"])
+    for i in range(0, len(records), 100):  # small pipelines keep the query buffer small
+        pipe = probe.pipeline(transaction=False)
+        for item_id, record in records[i : i + 100]:
+            pipe.hset(bare_items, item_id, record)
+            pipe.rpush(bare_queue, item_id)
+        await pipe.execute()
+    after = int((await info(probe, "memory"))["used_memory"])
+    await probe.delete(bare_items, bare_queue)  # DEL frees at once (UNLINK may free later)
     return after - before
 
 
@@ -213,6 +216,7 @@ async def measure_memory(url: str, sizes: Sequence[int]) -> list[MemoryPoint]:
     client: Any = Redis.from_pool(
         BlockingConnectionPool.from_url(url, max_connections=FILL_CONNECTIONS)
     )
+    probe: Any = Redis.from_url(url)
     config = pool_config("bench-mem", 1)
     stores = {owner: PoolStore(client, config, owner) for owner in OWNERS}
     first = stores[OWNERS[0]]
@@ -233,13 +237,14 @@ async def measure_memory(url: str, sizes: Sequence[int]) -> list[MemoryPoint]:
 
     points: list[MemoryPoint] = []
     try:
-        await client.flushall()
+        await probe.flushall()
+        for name in SCRIPT_NAMES:  # the script cache must not grow between snapshots
+            await probe.script_load(script_source(name))
         await first.configure()
-        # Open the fill's connections before the first snapshot.
-        await asyncio.gather(*(client.ping() for _ in range(4 * FILL_CONNECTIONS)))
         if await enqueue(-1) is not ScriptStatus.DISPATCHED:
             raise BenchError("memory: the first request was not dispatched")
-        before = await memory_snapshot(client, prefix)
+        await quiesce(probe, client)
+        before = await memory_snapshot(probe, prefix)
         for size in sorted(sizes):
             while made < size:
                 chunk = range(made, min(size, made + FILL_CHUNK))
@@ -247,27 +252,28 @@ async def measure_memory(url: str, sizes: Sequence[int]) -> list[MemoryPoint]:
                 if any(s is not ScriptStatus.QUEUED for s in statuses):
                     raise BenchError(f"memory: a fill request was not queued: {statuses}")
                 made = chunk.stop
-            queued = int(await client.hget(first.key("stats"), "qn") or 0)
+            queued = int(await probe.hget(first.key("stats"), "qn") or 0)
             if queued != size:
                 raise BenchError(f"memory: expected {size} queued, found {queued}")
-            after = await memory_snapshot(client, prefix)
+            await quiesce(probe, client)
+            after = await memory_snapshot(probe, prefix)
             names = set(after.by_structure) | set(before.by_structure)
             points.append(
                 MemoryPoint(
                     n=size,
                     used_delta=after.used - before.used,
-                    raw_delta=after.raw_used - before.raw_used,
                     structures={
                         s: after.by_structure.get(s, 0) - before.by_structure.get(s, 0)
                         for s in names
                     },
                     keys=after.keys,
                     encodings=after.encodings,
-                    bare_delta=await bare_queue_delta(client, first.key("items")),
+                    bare_delta=await bare_queue_delta(probe, first.key("items")),
                 )
             )
     finally:
-        await client.flushall()
+        await probe.flushall()
+        await probe.aclose()
         await client.aclose()
     return points
 
@@ -308,9 +314,7 @@ def memory_details(points: Sequence[MemoryPoint]) -> list[str]:
         lines += [
             "",
             f"Memory per queued item at N={p.n:,}: used_memory delta {p.used_delta:,} B = "
-            f"{p.per_item:,.1f} B/item without client buffers and script cache "
-            f"({p.raw_delta / p.n:,.1f} B/item as reported); bare hash+list: "
-            f"{p.bare_per_item:,.1f} B/item",
+            f"{p.per_item:,.1f} B/item (bare hash+list: {p.bare_per_item:,.1f} B/item)",
             "",
             "| structure | keys | encodings | MEMORY USAGE delta | B/item | share |",
             "|---|---:|---|---:|---:|---:|",

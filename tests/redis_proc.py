@@ -35,6 +35,13 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def start_with_config(self, config: Path) -> RedisProcess:
+        """Starts redis-server on a config file (a sentinel needs one it can rewrite)."""
+        args = [str(REDIS_SERVER), str(config), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_ready()
+        return self
+
     def start(self) -> RedisProcess:
         args = [
             str(REDIS_SERVER),
@@ -56,11 +63,13 @@ class RedisProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
+                    # A password-protected server answers NOAUTH: it is up all the same.
+                    if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 pass
             time.sleep(0.02)
+        self.kill()
         raise RuntimeError(f"redis-server on port {self.port} did not start")
 
     def kill(self) -> None:

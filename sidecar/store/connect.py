@@ -80,9 +80,24 @@ def _sentinel(url: str, timeout_s: float) -> tuple[Any, Any]:
     if parts.username:
         extra["username"] = parts.username
     sentinel = Sentinel(hosts, socket_timeout=timeout_s, **extra)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(service, socket_timeout=timeout_s)
-    inbox = sentinel.master_for(service, socket_timeout=INBOX_SOCKET_TIMEOUT_S)
+    client = sentinel.master_for(service, redis_class=_SentinelManaged, socket_timeout=timeout_s)
+    inbox = sentinel.master_for(
+        service, redis_class=_SentinelManaged, socket_timeout=INBOX_SOCKET_TIMEOUT_S
+    )
+    client.sentinel_group = inbox.sentinel_group = sentinel
     return client, inbox
+
+
+class _SentinelManaged(aioredis.Redis):
+    """A primary found through Sentinel; closing it also closes the connections to the sentinels."""
+
+    sentinel_group: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        if self.sentinel_group is not None:
+            for s in self.sentinel_group.sentinels:
+                await s.aclose()
 
 
 def embedded() -> tuple[Any, Any]:

@@ -35,8 +35,9 @@ format: $(STAMP)
 	$(BIN)/ruff format sidecar tests bench
 	$(BIN)/ruff check --fix sidecar tests bench
 
+# Every benchmark, side by side on this machine; writes BENCHMARKS.md (a few minutes).
 bench: setup
-	$(BIN)/python -m bench.dispatch_depth
+	$(BIN)/python -m bench.run
 
 # The quick start: needs no Redis (embedded store) and no system packages.
 demo: $(STAMP)

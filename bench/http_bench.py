@@ -9,7 +9,7 @@ sidecar serve`` on a private redis-server with capacity effectively free, or a b
 round (baseline, sidecar, baseline, sidecar, ...) so the machine's noise hits both alike.
 
 1. Proxy throughput, closed loop: best round of the sidecar / best round of the bare proxy.
-2. Added latency, open loop at a fixed rate (a fraction of the bare proxy's best throughput from
+2. Added latency, open loop at a fixed rate (a fraction of the slower proxy's best throughput in
    row 1): the sidecar's p50 and p99 minus the bare proxy's, each leg's best (lowest) round.
 3. Admission API: admit + release pairs per second (best round) / the best requests per second
    of an aiohttp handler doing one EVALSHA of ``return 1`` per request on the same Redis. A pair
@@ -26,14 +26,16 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 
@@ -53,7 +55,7 @@ THROUGHPUT_TARGET = 0.8
 ADDED_P50_TARGET_MS, ADDED_P99_TARGET_MS = 1.0, 5.0
 API_TARGET = 0.5
 WAKE_P50_TARGET_MS, WAKE_P99_TARGET_MS = 1.0, 5.0
-# The latency legs run open loop at this fraction of the bare proxy's best closed-loop rate.
+# The latency legs run open loop at this fraction of the slower proxy's best closed-loop rate.
 MODERATE_FRACTION = 0.3
 CHAT_PATH = "/v1/chat/completions"
 CHAT_BODY = '{"model":"m","messages":[{"role":"user","content":"hi"}]}'
@@ -152,17 +154,39 @@ class Fleet:
         self.served.clear()
 
 
+@dataclass(frozen=True)
+class Target:
+    """Where a leg sends its load, and the processes whose CPU time it charges to the leg."""
+
+    url: str
+    watch: dict[str, int]  # name -> pid
+
+
+class Measured(NamedTuple):
+    result: Result
+    cpu_us: dict[str, float]  # CPU µs per HTTP call of each watched process
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def load(
-    url: str,
+    target: Target,
     plan: Plan,
     *,
     rate: float | None = None,
     pairs: bool = False,
     post: str | None = None,
-) -> Result:
+) -> Measured:
     """One leg: runs ``bench.loadgen`` in its own process and reads its JSON line."""
     args = [
-        url,
+        target.url,
         f"--connections={plan.connections}",
         f"--duration={plan.duration_s}",
         f"--warmup={plan.warmup_s}",
@@ -174,6 +198,7 @@ async def load(
         args.append("--pairs")
     if post is not None:
         args += ["--method=POST", f"--body={post}"]
+    cpu_before = {name: cpu_seconds(pid) for name, pid in target.watch.items()}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -189,35 +214,63 @@ async def load(
     except TimeoutError:
         proc.kill()
         await proc.communicate()
-        raise BenchError(f"load generator on {url} did not finish") from None
+        raise BenchError(f"load generator on {target.url} did not finish") from None
     if proc.returncode != 0:
-        raise BenchError(f"load generator on {url} failed: {err.decode()[-2000:]}")
+        raise BenchError(f"load generator on {target.url} failed: {err.decode()[-2000:]}")
     result = msgspec.json.decode(out.splitlines()[-1], type=Result)
     if result.requests == 0:
-        raise BenchError(f"nothing answered on {url}: {result.first_error}")
-    return result
+        raise BenchError(f"nothing answered on {target.url}: {result.first_error}")
+    cpu_us = {
+        name: (cpu_seconds(pid) - cpu_before[name]) / result.http_calls * 1e6
+        for name, pid in target.watch.items()
+    }
+    return Measured(result, cpu_us)
 
 
 @dataclass
 class Legs:
     """The rounds of a baseline and the sidecar, measured alternately."""
 
-    baseline: list[Result] = field(default_factory=list)
-    sidecar: list[Result] = field(default_factory=list)
+    baseline: list[Measured] = field(default_factory=list)
+    sidecar: list[Measured] = field(default_factory=list)
+
+    def results(self, side: list[Measured]) -> list[Result]:
+        return [m.result for m in side]
 
     def best_rps(self) -> tuple[float, float]:
-        return max(r.rps for r in self.baseline), max(r.rps for r in self.sidecar)
+        return (
+            max(m.result.rps for m in self.baseline),
+            max(m.result.rps for m in self.sidecar),
+        )
+
+    def rounds(self) -> str:
+        base = ", ".join(f"{m.result.rps:,.0f}" for m in self.baseline)
+        ours = ", ".join(f"{m.result.rps:,.0f}" for m in self.sidecar)
+        return f"Rounds: baseline {base}; sidecar {ours}."
+
+    def cpu(self) -> str:
+        """Median CPU per HTTP call of each watched process, over the rounds."""
+        parts = []
+        for label, side in (("baseline", self.baseline), ("sidecar", self.sidecar)):
+            for name in side[0].cpu_us:
+                us = statistics.median(m.cpu_us[name] for m in side)
+                if math.isfinite(us):
+                    parts.append(f"{name} {us:,.0f}")
+            parts[-1] += f" ({label} leg)"
+        return f" CPU µs per HTTP call (median of rounds): {'; '.join(parts)}." if parts else ""
 
     def errors(self) -> str:
-        base, ours = sum(r.errors for r in self.baseline), sum(r.errors for r in self.sidecar)
-        first = next((r.first_error for r in self.sidecar + self.baseline if r.first_error), "")
+        base = sum(m.result.errors for m in self.baseline)
+        ours = sum(m.result.errors for m in self.sidecar)
+        errors = (m.result.first_error for m in self.sidecar + self.baseline)
+        first = next((e for e in errors if e), "")
         return f" Errors: baseline {base}, sidecar {ours} ({first})." if base or ours else ""
 
 
 async def alternate(
     plan: Plan,
-    baseline: str,
-    sidecar: str,
+    baseline: Target,
+    sidecar: Target,
     *,
     post: str,
     rate: float | None = None,
@@ -250,19 +303,18 @@ def throughput_row(legs: Legs, plan: Plan) -> Row:
         passed=math.isfinite(ratio) and ratio >= THROUGHPUT_TARGET,
         notes=(
             f"Closed loop, {plan.connections} keep-alive connections, POST {CHAT_PATH}; best of "
-            f"{plan.rounds} alternating rounds of {plan.duration_s:g} s per leg. Rounds: bare "
-            + ", ".join(f"{r.rps:,.0f}" for r in legs.baseline)
-            + "; sidecar "
-            + ", ".join(f"{r.rps:,.0f}" for r in legs.sidecar)
-            + "."
+            f"{plan.rounds} alternating rounds of {plan.duration_s:g} s per leg. "
+            + legs.rounds()
+            + legs.cpu()
             + legs.errors()
         ),
     )
 
 
 def latency_row(legs: Legs, plan: Plan, rate: float) -> Row:
-    base50, base99 = min(r.p50_ms for r in legs.baseline), min(r.p99_ms for r in legs.baseline)
-    ours50, ours99 = min(r.p50_ms for r in legs.sidecar), min(r.p99_ms for r in legs.sidecar)
+    base, ours = legs.results(legs.baseline), legs.results(legs.sidecar)
+    base50, base99 = min(r.p50_ms for r in base), min(r.p99_ms for r in base)
+    ours50, ours99 = min(r.p50_ms for r in ours), min(r.p99_ms for r in ours)
     d50, d99 = ours50 - base50, ours99 - base99
     return Row(
         number=2,
@@ -273,10 +325,15 @@ def latency_row(legs: Legs, plan: Plan, rate: float) -> Row:
         target=f"p50 <= +{ADDED_P50_TARGET_MS:g} ms, p99 <= +{ADDED_P99_TARGET_MS:g} ms",
         passed=d50 <= ADDED_P50_TARGET_MS and d99 <= ADDED_P99_TARGET_MS,
         notes=(
-            f"Open loop at {rate:,.0f} req/s ({MODERATE_FRACTION:.0%} of the bare proxy's best "
+            f"Open loop at {rate:,.0f} req/s ({MODERATE_FRACTION:.0%} of the slower proxy's best "
             f"in row 1) over {plan.connections} connections; latency counted from when each "
             f"request was due. Each percentile is the best (lowest) of {plan.rounds} alternating "
-            "rounds per leg." + legs.errors()
+            "rounds per leg. p50/p99 per round: baseline "
+            + ", ".join(f"{r.p50_ms:.2f}/{r.p99_ms:.2f}" for r in base)
+            + "; sidecar "
+            + ", ".join(f"{r.p50_ms:.2f}/{r.p99_ms:.2f}" for r in ours)
+            + " ms."
+            + legs.errors()
         ),
     )
 
@@ -297,7 +354,10 @@ def api_row(legs: Legs, plan: Plan) -> Row:
             "with the ticket, against POST to an aiohttp handler running one EVALSHA of "
             "'return 1' (same Redis client settings, same Redis server). A pair is two HTTP "
             "calls and two scripts, so 0.5 = one admission call costs what one baseline "
-            f"request costs. Best of {plan.rounds} alternating rounds." + legs.errors()
+            f"request costs. Best of {plan.rounds} alternating rounds. "
+            + legs.rounds()
+            + legs.cpu()
+            + legs.errors()
         ),
     )
 
@@ -412,18 +472,27 @@ async def run(quick: bool = False) -> list[Row]:
     """Rows 1, 2, 3 and 5; ``quick`` runs each for a moment (a smoke test, not a measurement)."""
     plan = QUICK if quick else FULL
     async with processes() as (redis, servers):
-        bare, sidecar = servers["bare"].url + CHAT_PATH, servers["sidecar"].url + CHAT_PATH
-        throughput = await alternate(plan, bare, sidecar, post=CHAT_BODY)
-        rate = MODERATE_FRACTION * throughput.best_rps()[0]
-        latency = await alternate(plan, bare, sidecar, post=CHAT_BODY, rate=rate)
-        api = await alternate(
-            plan, servers["evalsha"].url + "/", servers["sidecar"].url, post="{}", pairs=True
+        pid = {name: served.proc.pid for name, served in servers.items()}
+        redis_pid = redis.proc.pid if redis.proc else -1
+        bare = Target(servers["bare"].url + CHAT_PATH, {"bare proxy": pid["bare"]})
+        sidecar = Target(
+            servers["sidecar"].url + CHAT_PATH, {"sidecar": pid["sidecar"], "Redis": redis_pid}
         )
+        throughput = await alternate(plan, bare, sidecar, post=CHAT_BODY)
+        # Moderate for both: a load the bare proxy shrugs off can be most of the sidecar's
+        # capacity while row 1 misses, and then queueing, not admission, sets the latency.
+        rate = MODERATE_FRACTION * min(throughput.best_rps())
+        latency = await alternate(plan, bare, sidecar, post=CHAT_BODY, rate=rate)
+        evalsha = Target(
+            servers["evalsha"].url + "/", {"EVALSHA handler": pid["evalsha"], "Redis": redis_pid}
+        )
+        api = Target(servers["sidecar"].url, sidecar.watch)
+        api_legs = await alternate(plan, evalsha, api, post="{}", pairs=True)
         wake = await wake_latencies(redis.url, plan.wake_iterations)
     return [
         throughput_row(throughput, plan),
         latency_row(latency, plan, rate),
-        api_row(api, plan),
+        api_row(api_legs, plan),
         wake_row(wake),
     ]
 

@@ -11,8 +11,9 @@ measures). ``--pairs`` drives the admission API: each unit is POST ``<URL>/admis
 then POST ``<URL>/admission/v1/release`` with the ticket from the first answer.
 
 Only what is answered after ``--warmup`` counts. The output holds ``requests`` (units: requests,
-or admit+release pairs), ``http_calls``, ``errors`` (non-2xx, dropped connections, unanswered at
-the end), ``rps`` (units per second), and latency percentiles in ms.
+or admit+release pairs), ``errors`` (non-2xx, dropped connections, unanswered at the end), ``rps``
+(units per second), latency percentiles in ms, and ``http_calls``: every call answered, the warmup
+included (what the server did while the load generator ran, to divide its CPU time by).
 
 The client is a bare asyncio protocol (uvloop when installed) rather than aiohttp's client: that
 one spends about as much CPU per request as the server under test, and on a two-core machine the
@@ -43,7 +44,7 @@ TICK_S = 0.001
 
 class Result(msgspec.Struct, kw_only=True):
     requests: int  # counted units: requests, or admit+release pairs with --pairs
-    http_calls: int
+    http_calls: int  # every HTTP call answered, warmup included
     errors: int
     duration_s: float
     rps: float  # units per second

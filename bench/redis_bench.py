@@ -64,10 +64,10 @@ OWNERS = tuple(f"gw-6d4f9b7c8-{s}-{h}" for s, h in [("q2x7k", "3fa9c1"), ("m8d2p
 FILL_CHUNK = 500  # enqueues in flight at once while filling
 FILL_CONNECTIONS = 32
 TRIVIAL_SOURCE = "return 1"
-# Top-level commands a client sends; everything else commandstats counts ran inside a script.
+# Commands clients send in the counted windows; everything else commandstats counts there ran
+# inside a script (no script uses these).
 CLIENT_COMMANDS = frozenset(
-    {"evalsha", "eval", "info", "echo", "monitor", "blpop", "lpop", "hello", "client", "ping"}
-    | {"script", "select", "flushall", "memory", "scan", "object", "del", "dbsize"}
+    {"evalsha", "info", "echo", "monitor", "blpop", "blmpop", "lpop", "hello", "client", "script"}
 )
 
 
@@ -307,6 +307,66 @@ def memory_row(points: Sequence[MemoryPoint]) -> Row:
     )
 
 
+# B/item of alternative layouts, prototyped on this bench's 100k-item mix by rebuilding its keys
+# in another layout and measuring the used_memory delta (estimates for the proposals below).
+PROTOTYPE = {
+    "items_short": 106.0,  # items hash, record 'owner#|lane#|bytes|enq|deadline|lease'
+    "items_buckets": 41.0,  # ... in 128-entry hashes items:<id div 128> (listpack encoded)
+    "lanes_list": 11.0,  # FIFO lanes as lists of ids
+    "lanes_lp512": 21.0,  # lane zsets with zset-max-listpack-entries 512
+    "deadlines_buckets": 10.0,  # per-second deadline bucket lists, lazy deletion
+}
+
+
+def per_item(p: MemoryPoint, key: str) -> float:
+    return p.structures.get(STRUCTURES[key], 0) / p.n
+
+
+def memory_proposals(p: MemoryPoint) -> list[str]:
+    items, lanes = per_item(p, "items"), per_item(p, "lane")
+    deadlines, own = per_item(p, "deadlines"), per_item(p, "own")
+    pt = PROTOTYPE
+    step1 = p.per_item - own - (lanes - pt["lanes_list"]) - (items - pt["items_short"])
+    step2 = (
+        step1 - (pt["items_short"] - pt["items_buckets"]) - (deadlines - pt["deadlines_buckets"])
+    )
+    return [
+        "",
+        f"Where the {p.per_item:,.0f} B/item at N={p.n:,} go, and layout changes (B/item "
+        "figures of the changes were prototyped on the same items in another layout):",
+        "",
+        f"1. own sets, {own:.0f} B/item: every queued id also sits in own:<replica> (a "
+        "hashtable: 32 B dict entry + 24 B id + bucket), only so that a dead replica's queued "
+        "items can be found; the record already names the owner. Keep own:<replica> for "
+        "in-flight slots; drop a dead owner's queued items lazily when they reach a lane head "
+        "(dispatch_item checks the owner in `replicas`) or at their TTL: -> 0.",
+        f"2. lane zsets, {lanes:.0f} B/item: a lane over zset-max-listpack-entries (128) "
+        "becomes a skiplist (node + 24 B id + 32 B dict entry + bucket, ~120 B/item); below it "
+        "a listpack costs ~20 B/item, so the figure jumps with lane depth. FCFS and "
+        "workload-aware lanes are in insertion order already (score = id = sequence): make "
+        "them lists (RPUSH, LINDEX 0, LPOP; LREM or lazy tombstones on cancel), EDF lanes stay "
+        f"zsets: -> ~{pt['lanes_list']:.0f}. (Raising zset-max-listpack-entries to 512 gives "
+        f"~{pt['lanes_lp512']:.0f} for lanes up to 512 deep, but is a server setting.)",
+        f"3. items hash, {items:.0f} B/item: the ~67 B record repeats the owner replica id "
+        "(26 B) and the band, flow, workload and criticality its lane already names, and "
+        "exceeds hash-max-listpack-value (64). Record 'owner#|lane#|bytes|enq|deadline|lease' "
+        "with replicas and lanes interned to small integers (~25 B): -> "
+        f"~{pt['items_short']:.0f}; and split into 128-entry hashes items:<id div 128>, which "
+        f"stay listpacks: -> ~{pt['items_buckets']:.0f} (HGET scans <= 128 entries).",
+        f"4. deadlines zset, {deadlines:.0f} B/item: a skiplist over every queued id, read "
+        "only by maintain's TTL sweep (owners evict their own items on time). Per-second "
+        "bucket lists dl:<deadline s> with lazy deletion (maintain pops past buckets and drops "
+        f"the ids still queued): -> ~{pt['deadlines_buckets']:.0f}, plus the same for ids "
+        "dispatched or cancelled within the TTL until their bucket passes.",
+        "5. ids: 16-digit decimal ids take a 24 B allocation per copy in hashtables and "
+        "skiplists; a fixed-width 9-character base-62 id (same order) takes 16 B: -8 B per "
+        "copy if the structures above stay as they are.",
+        "",
+        f"Estimate: 1 + 2 + 3 (short record) -> ~{step1:,.0f} B/item; with the item buckets "
+        f"and deadline buckets as well -> ~{step2:,.0f} B/item.",
+    ]
+
+
 def memory_details(points: Sequence[MemoryPoint]) -> list[str]:
     lines: list[str] = []
     for p in points:
@@ -327,9 +387,12 @@ def memory_details(points: Sequence[MemoryPoint]) -> list[str]:
             )
         rest = p.used_delta - attributed
         lines.append(
-            f"| not in MEMORY USAGE (keyspace entries, allocator) | | | {rest:,} "
-            f"| {rest / p.n:,.1f} | |"
+            f"| not in MEMORY USAGE (it counts a dict entry as 24 B, jemalloc gives 32) | | "
+            f"| {rest:,} | {rest / p.n:,.1f} | |"
         )
+    last = points[-1]
+    if last.per_item > MEMORY_TARGET_BYTES:
+        lines += memory_proposals(last)
     return lines
 
 
@@ -421,22 +484,17 @@ def request(n: int) -> FlowControlRequest:
     )
 
 
+BLOCKING_POPS = frozenset({"BLPOP", "BLMPOP", "BRPOP", "BLMOVE"})
+
+
 def attributable(cmds: Sequence[Monitored]) -> list[Monitored]:
-    """A replica's commands for its queued requests: its scripts, and per LPOP drain the BLPOP
-    that woke it. BLPOPs not followed by a drain are the next (idle) wait, owed to no request."""
-    out: list[Monitored] = []
-    pending_blpop: Monitored | None = None
-    for m in cmds:
-        if m.command == "BLPOP":
-            pending_blpop = m
-        elif m.command == "LPOP":
-            if pending_blpop is None:
-                raise BenchError("commands: an inbox drain without the BLPOP that woke it")
-            out += [pending_blpop, m]
-            pending_blpop = None
-        else:
-            out.append(m)
-    return out
+    """A replica's commands for its queued requests: all but its last blocking pop, which is the
+    wait re-armed for whatever comes next (the window is far shorter than the pop's 1 s timeout,
+    so every earlier pop returned a wake-up)."""
+    pops = [i for i, m in enumerate(cmds) if m.command in BLOCKING_POPS]
+    if not pops:
+        raise BenchError("commands: no inbox wait seen (was the inbox loop running?)")
+    return [m for i, m in enumerate(cmds) if i != pops[-1]]
 
 
 async def fast_path_commands(url: str, counts: CommandCounts, repeats: int) -> None:
@@ -562,7 +620,9 @@ def commands_row(c: CommandCounts) -> Row:
         notes += (
             " The inbox wake-up costs two commands (BLPOP, then LPOP to drain the rest): one "
             "BLMPOP <timeout> 1 <inbox> LEFT COUNT 1000 (Redis >= 7.0) does both, making the "
-            "queued path 3 (change in sidecar/store/pool.py PoolStore.pop_inbox)."
+            "queued path 3 (sidecar/store/pool.py PoolStore.pop_inbox; prototyped: enqueue + "
+            "BLMPOP + release). Without Redis 7: drop the LPOP and let the loop's next BLPOP "
+            "take what is left (it returns at once while the inbox is not empty)."
         )
     return Row(
         number=7,

@@ -25,6 +25,7 @@ from sidecar.store.scripts import load_scripts
 log = logging.getLogger(__name__)
 
 _CONFLICT = -2
+INBOX_BATCH = 1000
 # Scripts whose second run changes nothing the first did not (TimeoutError is never retried: the
 # first run may still be executing).
 IDEMPOTENT_SCRIPTS = frozenset(
@@ -243,13 +244,15 @@ class PoolStore:
         return now - int(epoch or 0)
 
     async def pop_inbox(self, timeout_s: float) -> list[Delivery]:
-        """Blocks up to ``timeout_s`` for wake-ups, then drains what else is waiting."""
+        """Blocks up to ``timeout_s`` for wake-ups; one command takes all that are waiting."""
         key = self.key(f"inbox:{self.replica_id}")
         try:
-            first = await self.inbox_client.blpop([key], timeout=timeout_s)
-            if first is None:
-                return []
-            rest = await self.inbox_client.lpop(key, 1000) or []
+            # BLMPOP (Redis >= 7) blocks like BLPOP but returns up to COUNT entries at once.
+            popped = await self.inbox_client.blmpop(
+                timeout_s, 1, key, direction="LEFT", count=INBOX_BATCH
+            )
         except RedisError as exc:
             raise StoreError(f"inbox: {exc}") from exc
-        return [Delivery.parse(first[1]), *(Delivery.parse(r) for r in rest)]
+        if popped is None:
+            return []
+        return [Delivery.parse(raw) for raw in popped[1]]

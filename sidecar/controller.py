@@ -66,8 +66,9 @@ class FlowController:
         self._early: OrderedDict[str, Delivery] = OrderedDict()
         # Slots held by this replica: item id -> escaped workload id (for re-registration).
         self._held: dict[str, str] = {}
-        # Releases that failed (store unreachable); retried on each heartbeat.
+        # Releases and cancels that failed (store unreachable); retried on each heartbeat.
         self._unreleased: set[str] = set()
+        self._abandoned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         # Clean-ups that outlive the request that started them (kept referenced until done).
         self._background: set[asyncio.Task[None]] = set()
@@ -179,7 +180,11 @@ class FlowController:
     async def _expire(
         self, item_id: str, workload: str, lease_ms: int, waiter: asyncio.Future[Delivery]
     ) -> Admission:
-        reply = await self.store.cancel(item_id, ScriptStatus.EVICTED_TTL, now=self._clock())
+        try:
+            reply = await self.store.cancel(item_id, ScriptStatus.EVICTED_TTL, now=self._clock())
+        except StoreError:
+            self._abandoned.add(item_id)
+            raise
         self._deliver(reply.deliveries)
         if reply.status is ScriptStatus.DISPATCHED:
             # Dispatched while the timer fired: the slot is ours, so the request may still go.
@@ -199,8 +204,10 @@ class FlowController:
                 item_id, ScriptStatus.EVICTED_CANCELLED, now=self._clock()
             )
         except StoreError:
-            log.warning("could not cancel %s; the maintenance loop will evict it", item_id)
+            log.warning("could not cancel %s; retrying on the next heartbeat", item_id)
+            self._abandoned.add(item_id)
             return
+        self._abandoned.discard(item_id)
         self._held.pop(item_id, None)
         self._deliver(reply.deliveries)
 
@@ -222,6 +229,10 @@ class FlowController:
     async def _retry_releases(self) -> None:
         for item_id in sorted(self._unreleased):
             await self.release(item_id)
+        # Requests whose caller is gone but whose cancel failed: cancelling again also frees the
+        # slot if the item was dispatched meanwhile, so nobody holds a slot no caller will use.
+        for item_id in sorted(self._abandoned):
+            await self._cancel(item_id)
 
     async def renew(self, item_id: str, lease_ms: int) -> bool:
         return await self.store.renew(item_id, lease_ms, now=self._clock())

@@ -8,7 +8,7 @@ import pytest
 
 from sidecar.controller import FlowController
 from sidecar.errors import ConfigConflictError, StoreError
-from sidecar.outcome import Outcome
+from sidecar.outcome import Outcome, ScriptStatus
 from sidecar.request import FlowControlRequest
 from sidecar.store import ScriptReply
 from tests.conftest import Backend, make_config
@@ -93,3 +93,27 @@ async def test_changing_a_busy_bands_policy_is_refused(backend: Backend) -> None
     third = FlowController(backend.store(make_config(limit=5), "r3"))
     await third.start(loops=False)
     assert await third.store.client.hget(third.store.key("cfg"), "limit") == b"5"
+
+
+async def test_failed_cancel_is_retried_and_frees_a_raced_slot(backend: Backend) -> None:
+    ctrl = FlowController(backend.store(make_config(limit=1)))
+    await ctrl.start(loops=False)
+    holder = await ctrl.enqueue_and_wait(FlowControlRequest(request_id="h"))
+    pending = await ctrl.submit(FlowControlRequest(request_id="q"))
+    waiting = asyncio.create_task(pending.result())
+    real = ctrl.store.cancel
+
+    async def failing(item_id: str, reason: ScriptStatus, now: int | None = None) -> ScriptReply:
+        raise StoreError("cancel: connection refused")
+
+    ctrl.store.cancel = failing  # type: ignore[method-assign]
+    await asyncio.sleep(0)  # the waiting task starts waiting
+    waiting.cancel()  # the client goes away, and its cancel cannot reach Redis
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    # Meanwhile the abandoned request is dispatched into the freed slot...
+    await ctrl.release(holder.item_id)
+    assert int((await stats(ctrl))[b"inflight"]) == 1
+    ctrl.store.cancel = real  # type: ignore[method-assign]
+    await ctrl.heartbeat()  # ...and the retried cancel gives the slot back
+    assert int((await stats(ctrl))[b"inflight"]) == 0

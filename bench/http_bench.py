@@ -18,6 +18,9 @@ round (baseline, sidecar, baseline, sidecar, ...) so the machine's noise hits bo
 5. Wake-up across replicas: two flow controllers (in this process, each with its own Redis
    clients) share one pool with maxConcurrency 1; the time from the holder's ``release`` call
    to the other's queued request returning from its wait. No baseline: judged absolutely.
+
+The notes add each process's CPU time per HTTP call (from /proc), which the machine's other load
+sways less than requests per second do.
 """
 
 from __future__ import annotations

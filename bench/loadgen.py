@@ -224,8 +224,7 @@ class LoadGenerator:
             await self._call(conn, self.raw, run)
             return
         body = await self._call(conn, self.admit, run)
-        ticket = msgspec.json.decode(body, type=Ticket).ticket.encode()
-        payload = b'{"ticket":"' + ticket + b'"}'
+        payload = msgspec.json.encode(msgspec.json.decode(body, type=Ticket))
         release = self.release_head.encode() + (
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload)
         )

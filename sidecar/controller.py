@@ -219,7 +219,9 @@ class FlowController:
         self._held.pop(item_id, None)
         try:
             reply = await self.store.release(item_id, now=self._clock())
-        except StoreError:
+        except (StoreError, asyncio.CancelledError):
+            # Cancelled mid-call (the client went away): the release may or may not have run.
+            # Retrying is safe (idempotent) and cheaper than shielding every release in a Task.
             self._unreleased.add(item_id)
             raise
         self._unreleased.discard(item_id)

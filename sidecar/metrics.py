@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +19,7 @@ _P = "inference_extension_flow_control"
 OTHER = "other"
 # Queue durations span fast-path microseconds to multi-minute waits.
 _DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_CHILD_CACHE = 10_000
 _SCRIPT_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
@@ -45,6 +47,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.workload_label = LabelCap(workload_label_limit)
         self.flow_label = LabelCap(workload_label_limit)
+        self._outcome_children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         r = self.registry
         self.queue_duration = Histogram(
             f"{_P}_request_queue_duration_seconds",
@@ -134,10 +137,19 @@ class Metrics:
         )
 
     def record_outcome(self, outcome: str, priority: int, fairness_id: str, wait_s: float) -> None:
-        band = str(priority)
-        flow = self.flow_label(fairness_id)
-        self.outcomes.labels(outcome, band, self.pool).inc()
-        self.queue_duration.labels(flow, band, outcome, self.pool).observe(wait_s)
+        # Labelled children are cached: labels() costs more than the increment on the hot path.
+        key = (outcome, priority, fairness_id)
+        children = self._outcome_children.get(key)
+        if children is None:
+            band, flow = str(priority), self.flow_label(fairness_id)
+            children = (
+                self.outcomes.labels(outcome, band, self.pool),
+                self.queue_duration.labels(flow, band, outcome, self.pool),
+            )
+            if len(self._outcome_children) < _CHILD_CACHE:
+                self._outcome_children[key] = children
+        children[0].inc()
+        children[1].observe(wait_s)
 
     @contextmanager
     def time_script(self, name: str) -> Iterator[None]:

@@ -99,8 +99,9 @@ class AdmissionService:
         finally:
             try:
                 if admission is not None:
-                    # Shielded: a client that disconnects now must not cancel its own release.
-                    await asyncio.shield(self.release(admission.item_id))
+                    # Not shielded (a Task per request costs): if the client's disconnect cancels
+                    # this release, the controller retries it on its next heartbeat.
+                    await self.release(admission.item_id)
             finally:
                 self.active -= 1
                 if self.active == 0:

@@ -18,7 +18,7 @@ from sidecar.store import PoolStore
 from sidecar.store.connect import connect
 from sidecar.workload import WorkloadContext
 from tests.conftest import make_config
-from tests.redis_proc import RedisProcess
+from tests.redis_proc import RedisProcess, free_cluster_port
 
 pytestmark = pytest.mark.redis
 
@@ -26,11 +26,19 @@ pytestmark = pytest.mark.redis
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[RedisProcess]]:
     nodes = [
-        RedisProcess(extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"])
+        RedisProcess(
+            port=free_cluster_port(),
+            extra=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+        )
         for _ in range(3)
     ]
-    for node in nodes:
-        node.start()
+    try:
+        for node in nodes:
+            node.start()
+    except RuntimeError:
+        for node in nodes:
+            node.kill()
+        raise
     cli = shutil.which("redis-cli")
     assert cli, "redis-cli is missing (Debian package redis-tools, a dependency of redis-server)"
     subprocess.run(

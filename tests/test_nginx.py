@@ -70,7 +70,8 @@ def sidecar_config(**overrides: Any) -> Config:
     """maxConcurrency 2; leases checked every 100 ms so an expiry shows up at once."""
     raw: dict[str, Any] = {
         "saturationDetector": {"parameters": {"maxConcurrency": 2}},
-        "redis": {"ticketLease": "3s", "maintenanceInterval": "100ms"},
+        # Long enough that a loaded CI machine finishes the steps before a lease runs out.
+        "redis": {"ticketLease": "8s", "maintenanceInterval": "100ms"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(raw.get(key), dict):
@@ -401,7 +402,7 @@ async def test_admits_while_capacity_lasts_then_429_until_a_slot_is_released(
         assert len(gw.model.arrivals) == 3
 
         # Nobody releases the other two: the next request waits in the queue until the older
-        # lease (ticketLease 3s) expires, and is then admitted.
+        # lease (ticketLease 8s) expires, and is then admitted.
         assert await gw.inflight() == 2
         late = await gw.send({"x-gateway-inference-ttl": "20s"})
         assert late.status == 200, late.body

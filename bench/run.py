@@ -100,6 +100,9 @@ def render(rows: list[Row], quick: bool, seconds: float) -> str:
         "## Results",
         "",
         markdown_table(rows),
+        "Where a target is missed, the profiles that show why and what would close the gap are in "
+        "[docs/performance.md](docs/performance.md).",
+        "",
         "## How each row was measured",
         "",
     ]

@@ -32,7 +32,7 @@ KEY_SUFFIXES = {
     "rrcursor": "hash: band -> the flow a round-robin band served last",
     "lane:<lane id>": "zset: a lane's items in dispatch order",
     "w:<workload>": "hash: registry counters of one workload",
-    "wlanes:<workload>": "set: lanes holding the workload's queued items (for re-ranking)",
+    "wlanes:<workload>": "hash: the workload's queued lanes -> their rank members (re-ranking)",
     "workloads": "zset: tracked workloads by last activity (ms), for idle expiry and the cap",
     "anon": "hash: aggregate counters of anonymous traffic",
     "replicas": "zset: replica id by lease expiry (ms)",

@@ -215,16 +215,37 @@ local function rank_lane(lane, b, old_head, now, m)
   local hs = rcall('ZRANGE', P .. 'lane:' .. lane, 0, 0, 'WITHSCORES')
   local head = hs[1] or false
   if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
-  if head then rcall('ZADD', rs, fmt(lane_key(b, parts, head, tonumber(hs[2]), m, now)), head .. lane) end
+  if head then
+    rcall('ZADD', rs, fmt(lane_key(b, parts, head, tonumber(hs[2]), m, now)), head .. lane)
+    -- A workload's lanes with their current rank members, so re-ranking needs no lane reads.
+    if b.order == 'wa' and parts[3] ~= '' then
+      rcall('HSET', P .. 'wlanes:' .. parts[3], lane, head .. lane)
+    end
+  end
   return head
 end
 
--- Re-ranks every queued lane of a workload: its counters just changed. Reads its metrics once.
+-- Re-ranks every queued lane of a workload: its counters just changed. One read of its metrics,
+-- one of its lanes' rank members, and one ZADD per ranking set, however many lanes it has.
 local function rerank_workload(wid, now)
   local m = { workload_metrics(wid, now) }
-  for _, lane in ipairs(rcall('SMEMBERS', P .. 'wlanes:' .. wid)) do
-    rank_lane(lane, band_cfg(string.match(lane, '^[^|]*')), false, now, m)
+  local lanes = rcall('HGETALL', P .. 'wlanes:' .. wid)
+  local adds = {}
+  for i = 1, #lanes, 2 do
+    local lane, member = lanes[i], lanes[i + 1]
+    local parts = split(lane)
+    local b = band_cfg(parts[1])
+    local rs = rankset_of(b, parts[1], parts[2])
+    local head = string.sub(member, 1, ID_WIDTH)
+    local batch = adds[rs]
+    if not batch then
+      batch = {}
+      adds[rs] = batch
+    end
+    batch[#batch + 1] = fmt(lane_key(b, parts, head, nil, m, now))
+    batch[#batch + 1] = member
   end
+  for rs, batch in pairs(adds) do rcall('ZADD', rs, unpack(batch)) end
 end
 
 local function adjust_counts(rec, sign)
@@ -256,10 +277,7 @@ local function queue_item(id, raw, rec, now)
   end
   rcall('ZADD', K_DEADLINES, int(rec.deadline), id)
   if not old_head then
-    if b.order == 'wa' and rec.wid ~= '' then
-      rcall('SADD', P .. 'wlanes:' .. rec.wid, lane)
-      rcall('SADD', K_RERANK, rec.wid)
-    end
+    if b.order == 'wa' and rec.wid ~= '' then rcall('SADD', K_RERANK, rec.wid) end
     if b.fair == 'rr' then rcall('ZADD', P .. 'flows:' .. rec.band, 0, rec.flow) end
   end
   -- A new item becomes the head only of a new lane, or of an EDF lane with an earlier deadline.
@@ -276,14 +294,13 @@ local function unqueue_item(id, rec, now)
   rcall('ZREM', lk, id)
   rcall('ZREM', K_DEADLINES, id)
   if old_head == id then
-    -- The record must still exist while the new head is ranked; it is removed right after.
     rcall('HDEL', K_ITEMS, id)
     local head = rank_lane(lane, b, id, now, nil)
     if not head then
       if b.order == 'wa' and rec.wid ~= '' then
         local wl = P .. 'wlanes:' .. rec.wid
-        rcall('SREM', wl, lane)
-        if rcall('SCARD', wl) == 0 then rcall('SREM', K_RERANK, rec.wid) end
+        rcall('HDEL', wl, lane)
+        if rcall('HLEN', wl) == 0 then rcall('SREM', K_RERANK, rec.wid) end
       end
       if b.fair == 'rr' and rcall('EXISTS', rankset_of(b, rec.band, rec.flow)) == 0 then
         rcall('ZREM', P .. 'flows:' .. rec.band, rec.flow)

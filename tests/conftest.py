@@ -65,4 +65,3 @@ def make_config(limit: int = 1, **overrides: Any) -> Config:
     raw: dict[str, Any] = {"saturationDetector": {"parameters": {"maxConcurrency": limit}}}
     raw.update(overrides)
     return load_config(raw)
-

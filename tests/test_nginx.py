@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from sidecar.http.app import Server
 from sidecar.options import ServeOptions
 from sidecar.simulator import Arrival, SimulatedModel, start_app
 from sidecar.state import read_state
+from tests.http_harness import eventually
 from tests.redis_proc import RedisProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,22 +109,6 @@ def render_conf(
     if relay_port is None:
         return release_line.sub("", text)
     return text.replace("syslog:server=127.0.0.1:5514", f"syslog:server=127.0.0.1:{relay_port}")
-
-
-async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], within_s: float = 10.0
-) -> None:
-    """Waits for a state no event announces (a request reaching a queue, a lease expiring)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def wait_until_listening(port: int, proc: asyncio.subprocess.Process, prefix: Path) -> None:
@@ -457,7 +442,7 @@ async def test_client_leaving_while_queued_takes_its_request_out_of_the_queue(
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
         # nginx closes the check's connection; the sidecar drops the request long before its TTL.
-        await eventually(lambda: gw.queued_is(0), within_s=5)
+        await eventually(lambda: gw.queued_is(0), timeout=5)
         assert gw.model.gate is not None
         gw.model.gate.set()
         assert [r.status for r in await asyncio.gather(*held)] == [200, 200]

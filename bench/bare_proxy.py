@@ -25,13 +25,13 @@ from aiohttp import web
 
 from bench.loadgen import run_loop
 from sidecar.classify import CONTROL_HEADERS
+from sidecar.http.app import upstream_session
+from sidecar.http.keys import SESSION, UPSTREAM
 from sidecar.http.proxy import CHUNK, forwardable
 from sidecar.options import parse_hostport
 from sidecar.store.connect import connect
 
 UPSTREAM_BODY = b'{"id":"cmpl-bench","object":"chat.completion","choices":[{"index":0}]}'
-UPSTREAM = web.AppKey("upstream", str)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 SCRIPT = web.AppKey("script", object)
 # The sidecar's own per-call Redis timeout default: the baseline's client is set up the same way.
 REDIS_TIMEOUT_S = 0.25
@@ -76,18 +76,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
 def proxy_app(upstream: str) -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app[UPSTREAM] = upstream.rstrip("/")
-
-    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-        # As sidecar.http.app.data_app makes it.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
-        async with aiohttp.ClientSession(
-            timeout=timeout, connector=connector, auto_decompress=False
-        ) as session:
-            app[SESSION] = session
-            yield
-
-    app.cleanup_ctx.append(session_ctx)
+    app.cleanup_ctx.append(upstream_session)  # the very session the sidecar uses
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 

@@ -53,24 +53,25 @@ async def _no_upstream(request: web.Request) -> web.Response:
     )
 
 
+async def upstream_session(app: web.Application) -> AsyncIterator[None]:
+    """The client session to the upstream, for an app's cleanup_ctx (also the bench's baseline)."""
+    # No total timeout: a streamed completion may take minutes. Connect is bounded.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=False
+    ) as session:
+        app[SESSION] = session
+        yield
+
+
 def data_app(service: AdmissionService, upstream: str | None) -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app[SERVICE] = service
     api.add_routes(app)
     if upstream:
         app[UPSTREAM] = upstream.rstrip("/")
-
-        async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-            # No total timeout: a streamed completion may take minutes. Connect is bounded.
-            timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60)
-            async with aiohttp.ClientSession(
-                timeout=timeout, connector=connector, auto_decompress=False
-            ) as session:
-                app[SESSION] = session
-                yield
-
-        app.cleanup_ctx.append(session_ctx)
+        app.cleanup_ctx.append(upstream_session)
         app.router.add_route("*", "/{tail:.*}", proxy)
     else:
         app.router.add_route("*", "/{tail:.*}", _no_upstream)

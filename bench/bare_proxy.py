@@ -27,7 +27,7 @@ from bench.loadgen import run_loop
 from sidecar.classify import CONTROL_HEADERS
 from sidecar.http.app import upstream_session
 from sidecar.http.keys import SESSION, UPSTREAM
-from sidecar.http.proxy import CHUNK, forwardable
+from sidecar.http.proxy import forwardable, relay
 from sidecar.options import parse_hostport
 from sidecar.store.connect import connect
 
@@ -39,38 +39,12 @@ REDIS_MAX_CONNECTIONS = 64
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    """sidecar.http.proxy._forward without the admission around it."""
-    upstream = request.app[UPSTREAM]
-    session = request.app[SESSION]
+    """The sidecar's own forwarding (sidecar.http.proxy.relay) without the admission around it."""
     headers = forwardable(request.headers, CONTROL_HEADERS)
-    body = request.content if request.body_exists else None
     try:
-        async with session.request(
-            request.method,
-            upstream + request.rel_url.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream_response:
-            response = web.StreamResponse(
-                status=upstream_response.status, reason=upstream_response.reason
-            )
-            response.headers.extend(
-                forwardable(upstream_response.headers, frozenset({"content-length"}))
-            )
-            if (
-                "content-length" in upstream_response.headers
-                and "content-encoding" not in upstream_response.headers
-            ):
-                response.content_length = int(upstream_response.headers["content-length"])
-            await response.prepare(request)
-            async for chunk in upstream_response.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
+        return await relay(request, request.app[SESSION], request.app[UPSTREAM], headers, {})
     except (aiohttp.ClientError, TimeoutError) as exc:
         return web.Response(status=502, text=f"upstream failed: {exc}")
-    return response
 
 
 def proxy_app(upstream: str) -> web.Application:

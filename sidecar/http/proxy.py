@@ -61,6 +61,45 @@ def forwardable(source: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[
     return out
 
 
+async def relay(
+    request: web.Request,
+    session: aiohttp.ClientSession,
+    upstream: str,
+    headers: Mapping[str, str],
+    added: Mapping[str, str],
+) -> web.StreamResponse:
+    """Forwards ``request`` to ``upstream`` and streams the answer back, both ways chunk by chunk.
+
+    ``added`` headers go onto the response. Raises aiohttp.ClientError or TimeoutError when the
+    upstream fails before the response starts (the caller answers 502)."""
+    body = request.content if request.body_exists else None
+    async with session.request(
+        request.method,
+        upstream + request.rel_url.path_qs,
+        headers=headers,
+        data=body,
+        allow_redirects=False,
+        auto_decompress=False,
+    ) as upstream_response:
+        response = web.StreamResponse(
+            status=upstream_response.status, reason=upstream_response.reason
+        )
+        response.headers.extend(
+            forwardable(upstream_response.headers, frozenset({"content-length"}))
+        )
+        if (
+            "content-length" in upstream_response.headers
+            and "content-encoding" not in upstream_response.headers
+        ):
+            response.content_length = int(upstream_response.headers["content-length"])
+        response.headers.update(added)
+        await response.prepare(request)
+        async for chunk in upstream_response.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+        await response.write_eof()
+    return response
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     started = time.perf_counter()
@@ -93,39 +132,17 @@ async def _forward(
     request: web.Request, classified: FlowControlRequest, admission: Admission | None
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
-    session = request.app[SESSION]
     headers = forwardable(request.headers, CONTROL_HEADERS)
     headers["x-request-id"] = classified.request_id
-    body = request.content if request.body_exists else None
     outcome = Outcome.DISPATCHED.value if admission else FAIL_OPEN
     wait_ms = admission.wait_ms if admission else 0
+    added = {
+        OUTCOME_HEADER: outcome,
+        WAIT_HEADER: str(wait_ms),
+        "x-request-id": classified.request_id,
+    }
     try:
-        async with session.request(
-            request.method,
-            upstream + request.rel_url.path_qs,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            auto_decompress=False,
-        ) as upstream_response:
-            response = web.StreamResponse(
-                status=upstream_response.status, reason=upstream_response.reason
-            )
-            response.headers.extend(
-                forwardable(upstream_response.headers, frozenset({"content-length"}))
-            )
-            if (
-                "content-length" in upstream_response.headers
-                and "content-encoding" not in upstream_response.headers
-            ):
-                response.content_length = int(upstream_response.headers["content-length"])
-            response.headers[OUTCOME_HEADER] = outcome
-            response.headers[WAIT_HEADER] = str(wait_ms)
-            response.headers["x-request-id"] = classified.request_id
-            await response.prepare(request)
-            async for chunk in upstream_response.content.iter_chunked(CHUNK):
-                await response.write(chunk)
-            await response.write_eof()
+        response = await relay(request, request.app[SESSION], upstream, headers, added)
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream %s failed: %s", upstream, exc)
         _log(request, 502, "upstream_error", wait_ms, classified)

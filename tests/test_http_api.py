@@ -204,3 +204,14 @@ async def test_redis_down_fails_open_and_forwards(own_redis: RedisProcess) -> No
 
         await eventually(admitted)
     assert len(model.arrivals) >= 11
+
+
+async def test_admit_counts_the_declared_bytes_not_the_json_body() -> None:
+    cfg = make_config(limit=1, flowControl={"maxBytes": 1000})
+    async with running_stack(cfg) as stack:
+        async with stack.session.post(f"{stack.data}{API}/admit", json={"bytes": 10}) as r:
+            assert r.status == 200  # holds the only slot
+        # 2000 declared bytes cannot queue under maxBytes 1000, whatever the JSON body's size.
+        async with stack.session.post(f"{stack.data}{API}/admit", json={"bytes": 2000}) as r:
+            assert r.status == 429
+            assert r.headers["x-admission-outcome"] == "rejected_capacity"

@@ -23,7 +23,7 @@ def classify_request(
             default_ttl_ms=round(fc.default_request_ttl * 1000),
             max_ttl_ms=round(fc.max_request_ttl * 1000),
             strict=config.strict_headers,
-            byte_size=request.content_length or 0 if byte_size is None else byte_size,
+            byte_size=(request.content_length or 0) if byte_size is None else byte_size,
         )
     except HeaderError as exc:
         return refusal(Outcome.REJECTED_OTHER.value, "bad_header", 400, str(exc), None)

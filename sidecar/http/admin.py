@@ -9,7 +9,6 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.errors import StoreError
 from sidecar.http.keys import SERVICE
 from sidecar.metrics import Metrics
 from sidecar.state import PoolState, read_state
@@ -30,9 +29,7 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(service.config.redis.timeout * 4):
             configured = await store.client.hexists(store.key("cfg"), "epoch")
-    except (TimeoutError, OSError, StoreError) as exc:
-        return web.Response(status=503, text=f"store unreachable: {exc}\n")
-    except Exception as exc:  # redis-py raises its own hierarchy; any failure means not ready
+    except Exception as exc:  # timeouts, OSError, redis-py's own hierarchy: all mean not ready
         return web.Response(status=503, text=f"store unreachable: {exc}\n")
     if not configured:
         return web.Response(status=503, text="pool not configured yet\n")

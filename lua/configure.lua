@@ -2,15 +2,18 @@
   Write the pool's configuration, read by every other script. Each replica runs it at start and
   whenever a script answers 'no config' (Redis restarted empty). The pool's epoch (time origin) and
   sequence survive reconfiguration; a fresh pool starts its sequence at epoch*1000 so item ids never
-  repeat those of an earlier incarnation that replicas may still re-register.
+  repeat those of an earlier incarnation that replicas may still re-register. A fresh pool also
+  holds dispatch for the recovery hold: if Redis lost the pool's data, replicas still run requests
+  they were admitted for, and none may be admitted before those are counted again (reregister.lua).
   Input:
     KEYS[1] pool prefix 'as:{<pool>}:'
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2..] field, value pairs: limit, maxReq, maxBytes, win (ms), alpha, idle (ms), maxTracked,
+             recover (ms: the hold on a fresh pool; 0 = none),
              and 'band:<priority>' / 'band:*' (default template) =
              'fairness|ordering|maxReq|maxBytes|wW|cW|rW|maxWait s|maxRate|aging'
   Output:
-    { 1 } fresh pool, { 0 } updated, { -2, band } refused: that band has queued items and the new
+    { 1, epoch } fresh pool, { 0, epoch } updated, { -2, band } refused: that band has queued items and the new
     configuration changes its fairness or ordering policy (its queue structures would be orphaned).
 ]]
 -- @include common
@@ -28,7 +31,8 @@ local function policies(raw)
   local f = split(raw)
   return f[1] .. '|' .. f[2]
 end
-local epoch = rcall('HGET', K_CFG, 'epoch')
+local old = rcall('HMGET', K_CFG, 'epoch', 'hold')
+local epoch, hold = old[1], old[2] or '0'
 local fresh = not epoch
 if not fresh then
   for _, band in ipairs(rcall('ZRANGE', K_BANDS, 0, -1)) do
@@ -39,13 +43,14 @@ if not fresh then
 else
   epoch = int(abs)
   rcall('HSETNX', K_STATS, 'seq', int(abs * 1000))
+  hold = int(tonumber(new['recover'] or '0'))
 end
 rcall('DEL', K_CFG)
-local args = { 'epoch', epoch }
+local args = { 'epoch', epoch, 'hold', hold }
 for k, v in pairs(new) do
   args[#args + 1] = k
   args[#args + 1] = v
 end
 rcall('HSET', K_CFG, unpack(args))
-if fresh then return { 1 } end
-return { 0 }
+if fresh then return { 1, epoch } end
+return { 0, epoch }

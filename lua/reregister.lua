@@ -1,12 +1,14 @@
 --[[
-  Re-register slots a replica still holds after Redis lost them (restart, or the replica's lease
-  was reclaimed during a stall). Items already in flight are left as they are, so a retry is safe.
-  The slots count toward the limit even above it: those requests really are running.
+  Re-register slots a replica still holds after Redis lost them (restart, or failover to a replica
+  that had not received them). Items already in flight are left as they are, so a retry is safe.
+  The slots count toward the limit like any other: configure.lua holds dispatch on a fresh pool
+  until live replicas have done this, so they are counted before anything new is admitted.
   Input:
     KEYS[1] pool prefix 'as:{<pool>}:'
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2] replica id
-    ARGV[3..] pairs: item id, workload id (escaped; '' = anonymous)
+    ARGV[3..] triples: item id, workload id (escaped; '' = anonymous), lease ms: 0 for a slot the
+              replica holds itself, else the remaining lease of a ticket it issued
   Output:
     { number of slots added }, or { -1 } no config.
 ]]
@@ -14,15 +16,16 @@
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, added = ARGV[2], 0
-for i = 3, #ARGV - 1, 2 do
-  local id, wid = ARGV[i], ARGV[i + 1]
+for i = 3, #ARGV - 2, 3 do
+  local id, wid, lease = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if rcall('HEXISTS', K_INFLIGHT, id) == 0 then
     wid = track(wid, now)
-    rcall('HSET', K_INFLIGHT, id, replica .. '|' .. wid)
+    rcall('HSET', K_INFLIGHT, id, replica .. '|' .. wid .. '|' .. int(now))
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('HINCRBY', wkey(wid), 'active', 1)
     added = added + 1
+    if lease > 0 then rcall('ZADD', K_LEASES, int(now + lease), id) end
   end
-  rcall('SADD', P .. 'own:' .. replica, id)
+  if lease == 0 then rcall('SADD', P .. 'own:' .. replica, id) end
 end
 return { added }

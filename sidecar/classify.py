@@ -30,23 +30,31 @@ from sidecar.workload import (
 WORKLOAD_CONTEXT_HEADER = "x-workload-context"
 WORKLOAD_ID_HEADER = "x-workload-id"
 CRITICALITY_HEADER = "x-workload-criticality"
-FAIRNESS_ID_HEADER = "x-gateway-inference-fairness-id"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 REQUEST_ID_HEADER = "x-request-id"
+# llm-d's names (llm-d/llm-d-router pkg/epp/metadata/consts.go: FlowFairnessIDKey, ObjectiveKey).
+FAIRNESS_ID_HEADER = "x-llm-d-inference-fairness-id"
+OBJECTIVE_HEADER = "x-llm-d-inference-objective"
 # Per-request queue TTL: "250ms", "5s", "2m", "1h", or a bare number of seconds ("1.5"). It can only
-# shorten the wait: the result is capped by the configured maximum.
-TTL_HEADER = "x-gateway-inference-ttl"
+# shorten the wait: the result is capped by the configured maximum. llm-d has no per-request TTL
+# header (consts.go lists none); this one takes llm-d's naming so all three read alike.
+TTL_HEADER = "x-llm-d-inference-ttl"
+# The older Gateway API Inference Extension names, still read. As in llm-d (consts.go
+# headerAliases), the current name wins when both are sent and the old one is then not read at all.
+OLD_NAMES: Mapping[str, str] = {
+    FAIRNESS_ID_HEADER: "x-gateway-inference-fairness-id",
+    OBJECTIVE_HEADER: "x-gateway-inference-objective",
+    TTL_HEADER: "x-gateway-inference-ttl",
+}
 
-# Headers meant for the sidecar alone; stripped before forwarding. x-request-id is not among them:
-# it travels upstream and is echoed back.
+# Headers meant for the sidecar alone; stripped before forwarding, under both names. x-request-id is
+# not among them: it travels upstream and is echoed back.
 CONTROL_HEADERS: frozenset[str] = frozenset(
     {
         WORKLOAD_CONTEXT_HEADER,
         WORKLOAD_ID_HEADER,
         CRITICALITY_HEADER,
-        FAIRNESS_ID_HEADER,
-        OBJECTIVE_HEADER,
-        TTL_HEADER,
+        *OLD_NAMES.keys(),
+        *OLD_NAMES.values(),
     }
 )
 
@@ -56,11 +64,25 @@ MAX_HEADER_CHARS = 8 * 1024
 
 _ID_RULE = f"must match {VALID_ID.pattern}"
 _CRITICALITY_RULE = f"must be an integer from {MIN_CRITICALITY} to {MAX_CRITICALITY}"
-_TTL_RULE = 'expected a duration such as "250ms", "5s", "2m", "1h" or "1.5" (seconds)'
+_TTL_RULE = 'expected a duration such as "250ms", "5s", "1m30s", "1h" or "1.5" (seconds)'
 # ASCII digits only: int() and Fraction() would also accept other scripts' digits and underscores.
 _INTEGER = re.compile(r"[+-]?[0-9]{1,9}")
-_DURATION = re.compile(r"(?P<number>[0-9]{1,15}(?:\.[0-9]{1,9})?|\.[0-9]{1,9})(?P<unit>ms|s|m|h)?")
-_UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000}
+_NUMBER = r"[0-9]{1,15}(?:\.[0-9]{1,9})?|\.[0-9]{1,9}"
+# Go duration syntax as well (llm-d parses x-llm-d-inference-ttl with it: "1m30s", "1500us"), with
+# at most 8 parts; "µs" and "μs" are Go's spellings of "us".
+_UNIT = r"ms|us|µs|μs|ns|s|m|h"
+_SECONDS = re.compile(_NUMBER)
+_DURATION = re.compile(f"(?:(?:{_NUMBER})(?:{_UNIT})){{1,8}}")
+_PART = re.compile(f"({_NUMBER})({_UNIT})")
+_MICRO = Fraction(1, 1_000)
+_UNIT_MS: dict[str, Fraction | int] = {
+    "h": 3_600_000,
+    "m": 60_000,
+    "s": 1_000,
+    "ms": 1,
+    **dict.fromkeys(("us", "µs", "μs"), _MICRO),
+    "ns": _MICRO * _MICRO,
+}
 
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
@@ -169,13 +191,24 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value.strip(" \t")
 
 
-def _id_header(headers: Mapping[str, str], name: str) -> str | None:
-    value = _header(headers, name)
-    if value is None:
-        return None
-    if not is_valid_id(value):
+def _aliased(headers: Mapping[str, str], name: str) -> tuple[str, str | None]:
+    """(the name it came under, value) of a header that also has an old name; the llm-d name is
+    looked up first, so an error names the header the client actually sent."""
+    for candidate in (name, OLD_NAMES[name]):
+        value = _header(headers, candidate)
+        if value is not None:
+            return candidate, value
+    return name, None
+
+
+def _checked_id(name: str, value: str | None) -> str | None:
+    if value is not None and not is_valid_id(value):
         raise HeaderError(name, _ID_RULE)
     return value
+
+
+def _id_header(headers: Mapping[str, str], name: str) -> str | None:
+    return _checked_id(name, _header(headers, name))
 
 
 def _request_id(headers: Mapping[str, str]) -> str | None:
@@ -183,30 +216,32 @@ def _request_id(headers: Mapping[str, str]) -> str | None:
 
 
 def _fairness_id(headers: Mapping[str, str]) -> str:
-    return _id_header(headers, FAIRNESS_ID_HEADER) or DEFAULT_FLOW
+    return _checked_id(*_aliased(headers, FAIRNESS_ID_HEADER)) or DEFAULT_FLOW
 
 
 def _objective(headers: Mapping[str, str], objectives: Mapping[str, int]) -> tuple[str, int]:
-    name = _header(headers, OBJECTIVE_HEADER)
+    header, name = _aliased(headers, OBJECTIVE_HEADER)
     if name is None:
         return "", 0
     priority = objectives.get(name)
     if priority is None:
-        raise HeaderError(OBJECTIVE_HEADER, "unknown objective")
+        raise HeaderError(header, "unknown objective")
     return name, priority
 
 
 def _ttl_ms(headers: Mapping[str, str], default_ms: int, max_ms: int) -> int:
-    value = _header(headers, TTL_HEADER)
+    header, value = _aliased(headers, TTL_HEADER)
     if value is None:
         return default_ms
-    match = _DURATION.fullmatch(value)
-    if match is None:
-        raise HeaderError(TTL_HEADER, _TTL_RULE)
     # Fraction keeps "0.1" exact, so rounding up to whole milliseconds never adds one spuriously.
-    ms = Fraction(match["number"]) * _UNIT_MS[match["unit"] or "s"]
+    if _SECONDS.fullmatch(value):
+        ms = Fraction(value) * 1_000
+    elif _DURATION.fullmatch(value):
+        ms = sum((Fraction(n) * _UNIT_MS[unit] for n, unit in _PART.findall(value)), Fraction())
+    else:
+        raise HeaderError(header, _TTL_RULE)
     if ms <= 0:
-        raise HeaderError(TTL_HEADER, "duration must be greater than zero")
+        raise HeaderError(header, "duration must be greater than zero")
     # Round up so a positive sub-millisecond TTL does not become zero.
     return min(math.ceil(ms), max_ms)
 

@@ -59,6 +59,11 @@ def _effective(config: object) -> object:
     assert isinstance(config, Config)
     # Sizes are int subclasses, durations float subclasses: print them as plain numbers.
     out = msgspec.to_builtins(config, enc_hook=lambda v: int(v) if isinstance(v, int) else float(v))
+    if out["redis"].get("url"):
+        from sidecar.store.connect import mask_url
+
+        # The printed config ends up in terminals and CI logs: never with the Redis password.
+        out["redis"]["url"] = mask_url(out["redis"]["url"])
     out["effectiveBands"] = {
         str(p): {
             "maxRequests": b.max_requests,

@@ -69,6 +69,11 @@ class FlowControlConfig(_Struct):
     default_request_ttl: Duration = msgspec.field(default=Duration(30.0), name="defaultRequestTTL")
     max_request_ttl: Duration = msgspec.field(default=Duration(300.0), name="maxRequestTTL")
     default_priority_band: BandConfig = msgspec.field(default_factory=BandConfig)
+    # llm-d's template for priorities below zero that priorityBands does not list (e.g. a small
+    # maxRequests, so sheddable traffic is refused at once under saturation). Absent: those use
+    # defaultPriorityBand, as in llm-d. Fields it leaves out inherit from defaultPriorityBand (llm-d
+    # fills them from its system defaults instead; ours are what defaultPriorityBand falls back to).
+    default_negative_priority_band: BandConfig | None = None
     priority_bands: list[BandConfig] = msgspec.field(default_factory=list)
 
 
@@ -100,6 +105,17 @@ class RedisConfig(_Struct):
     maintenance_interval: Duration = Duration(1.0)  # also bounds how stale a score can get
     # Slots taken through the gateway check endpoint are leases that expire unless renewed.
     ticket_lease: Duration = Duration(60.0)
+    # After Redis lost the pool's data, nothing is dispatched for this long, so every live replica
+    # re-registers the slots it still holds before anything new is admitted. Absent: two
+    # heartbeat intervals plus two call timeouts (a replica notices at its next heartbeat at the
+    # latest). The embedded store cannot lose its data and holds nothing.
+    recovery_hold: Duration | None = None
+
+    @property
+    def recovery_hold_s(self) -> float:
+        if self.recovery_hold is not None:
+            return float(self.recovery_hold)
+        return 2 * float(self.heartbeat_interval) + 2 * float(self.timeout)
 
 
 class ServerConfig(_Struct):
@@ -113,6 +129,8 @@ class ServerConfig(_Struct):
     replica_id: str | None = None
     # After SIGTERM: not ready at once, then admitted requests get this long to finish.
     shutdown_grace_period: Duration = Duration(30.0)
+    # Largest request body the data port accepts (413 beyond, before admission); 0 = unlimited.
+    max_request_body: ByteSize = ByteSize(16 * 2**20)
 
 
 class Config(_Struct):
@@ -132,10 +150,16 @@ class Config(_Struct):
         return int(self.saturation_detector.parameters["maxConcurrency"])
 
     def band(self, priority: int) -> ResolvedBand:
-        """The band for a priority: its own entry if listed, else the default template."""
-        return self.bands.get(priority) or _resolve(
-            self.flow_control.default_priority_band, priority, self.flow_control
-        )
+        """The band for a priority: its own entry if listed, else its template."""
+        return self.bands.get(priority) or self.template_band(priority)
+
+    def template_band(self, priority: int) -> ResolvedBand:
+        """The template an unlisted priority gets: defaultNegativePriorityBand below zero (when
+        configured), else defaultPriorityBand."""
+        fc = self.flow_control
+        negative = fc.default_negative_priority_band
+        template = negative if priority < 0 and negative is not None else fc.default_priority_band
+        return _resolve(template, priority, fc)
 
     @property
     def bands(self) -> dict[int, ResolvedBand]:
@@ -195,7 +219,7 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{where}.priority: {band.priority} is listed twice")
         seen.add(band.priority)
         _validate_band(band, fc, where)
-    _validate_band(fc.default_priority_band, fc, "flowControl.defaultPriorityBand")
+    _validate_templates(fc)
     _validate_detector(cfg.saturation_detector)
     _validate_registry(cfg.workload_registry)
     for key in ("timeout", "heartbeat_interval", "maintenance_interval", "ticket_lease"):
@@ -203,6 +227,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"redis.{_camel(key)}: must be > 0")
     if cfg.redis.lease_timeout <= cfg.redis.heartbeat_interval:
         raise ConfigError("redis.leaseTimeout: must exceed redis.heartbeatInterval")
+    if cfg.redis.recovery_hold is not None and cfg.redis.recovery_hold < 0:
+        raise ConfigError("redis.recoveryHold: must be >= 0")
 
 
 def _camel(name: str) -> str:
@@ -217,6 +243,14 @@ def _validate_registry(reg: RegistryConfig) -> None:
         raise ConfigError("workloadRegistry.requestRateWindow/idleTimeout: must be > 0")
     if reg.max_tracked < 0:
         raise ConfigError("workloadRegistry.maxTracked: must be >= 0")
+
+
+def _validate_templates(fc: FlowControlConfig) -> None:
+    _validate_band(fc.default_priority_band, fc, "flowControl.defaultPriorityBand")
+    if fc.default_negative_priority_band is not None:
+        _validate_band(
+            fc.default_negative_priority_band, fc, "flowControl.defaultNegativePriorityBand"
+        )
 
 
 def _validate_band(band: BandConfig, fc: FlowControlConfig, where: str) -> None:

@@ -1,26 +1,39 @@
 """The flow controller: admits requests through the pool's shared queues and waits for an outcome.
 
 Each replica runs one. It owns no pool state: the queues, the capacity budget and the registry live
-in the store; the controller holds only the futures of its own waiting requests and the ids of the
-slots it holds (so it can put them back if Redis loses them).
+in the store. It keeps only what lets it keep its promises through faults: its waiting requests
+(so they can be re-queued if Redis loses them), the slots it holds and the tickets it issued (so
+they are counted again before anything new is admitted), and releases it still owes.
+
+Rules this module keeps (DESIGN.md §7):
+- store calls run in tasks the store owns and every reply's outcomes reach their requests through
+  the store's sink, so a caller cancelled mid-call loses nothing but its own wait;
+- state is re-read after every await; background loops survive every exception;
+- a replica whose lease lapsed (paused, partitioned) stops using the slots it held as soon as it
+  can tell: locally when it has not renewed its lease for ``leaseTimeout``, or when a heartbeat
+  finds that the pool reclaimed it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
-
-import msgspec
 
 from sidecar.errors import StoreError
 from sidecar.keys import escape_id, key_id
-from sidecar.outcome import STATUS_OUTCOME, Outcome, ScriptStatus
+from sidecar.lifecycle import Admission, Pending
+from sidecar.outcome import Outcome, ScriptStatus
 from sidecar.request import DEFAULT_FLOW, FlowControlRequest
 from sidecar.store.pool import Delivery, PoolStore, ScriptReply
+
+__all__ = ["Admission", "FlowController", "OutcomeHook", "Pending"]
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +41,29 @@ log = logging.getLogger(__name__)
 _EARLY_LIMIT = 10_000
 _INBOX_BLOCK_S = 1.0
 _RETRY_BACKOFF_S = 0.5
-
-
-class Admission(msgspec.Struct, frozen=True):
-    """The outcome of one request. ``item_id`` names the slot to release when dispatched."""
-
-    outcome: Outcome
-    item_id: str = ""
-    wait_ms: int = 0
-
-    @property
-    def admitted(self) -> bool:
-        return self.outcome is Outcome.DISPATCHED
-
+# How often the replica checks its own lease (a paused replica notices within this after waking).
+_WATCHDOG_S = 0.1
 
 OutcomeHook = Callable[[FlowControlRequest, Admission], None]
+# (request, outcome or None when left queued, seconds the enqueue call took)
+EnqueueHook = Callable[[FlowControlRequest, Outcome | None, float], None]
+
+
+@dataclass
+class _Hold:
+    """A slot this replica holds for a request it forwards."""
+
+    workload: str
+    # Called when the replica loses the slot (its lease lapsed): stops the forwarding.
+    on_lost: Callable[[], object] | None = None
+
+
+@dataclass
+class _Ticket:
+    """A slot held outside the replica (admission API, gateway check) that it issued or renewed."""
+
+    workload: str
+    expires: float  # event-loop time
 
 
 class FlowController:
@@ -54,25 +75,41 @@ class FlowController:
         *,
         clock: Callable[[], int | None] = lambda: None,
         on_outcome: OutcomeHook | None = None,
+        on_enqueued: EnqueueHook | None = None,
     ) -> None:
         self.store = store
+        self.on_enqueued = on_enqueued
         self.config = store.config
         # Absolute ms passed to every script; None = Redis TIME. Tests inject a virtual clock.
         self._clock = clock
         self._on_outcome = on_outcome
-        self._waiters: dict[str, asyncio.Future[Delivery]] = {}
-        # Queued requests by item id, so recovery can put them back in the queue.
-        self._pending: dict[str, Pending] = {}
+        store.sink = self._deliver
+        store.on_lost = self._recover_from_loss
+        # Requests queued in the pool by this replica, by item id.
+        self._queued: dict[str, Pending] = {}
+        self._order = itertools.count()
         self._early: OrderedDict[str, Delivery] = OrderedDict()
-        # Slots held by this replica: item id -> escaped workload id (for re-registration).
-        self._held: dict[str, str] = {}
+        self._held: dict[str, _Hold] = {}
+        self._tickets: dict[str, _Ticket] = {}
         # Releases and cancels that failed (store unreachable); retried on each heartbeat.
         self._unreleased: set[str] = set()
         self._abandoned: set[str] = set()
+        # Inbox wake-ups that arrived while this replica's lease may have lapsed: applied or
+        # dropped once a heartbeat says whether the pool still knows the replica.
+        self._deferred: list[Delivery] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Clean-ups that outlive the request that started them (kept referenced until done).
         self._background: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Future[Any]] = set()
+        self._recovery: asyncio.Future[None] | None = None
         self._registered = False
+        self._epoch: int | None = None
+        self._last_beat: float | None = None  # loop time at which the last renewed lease began
+        self._lease_lost = False
+        self._stopping = False
+        self.loop_errors = 0
+        self.lapses = 0
+        self.recoveries = 0
 
     @property
     def held(self) -> int:
@@ -80,38 +117,49 @@ class FlowController:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        """Requests of this replica queued in the pool."""
+        return len(self._queued)
+
+    @property
+    def lease_ms(self) -> int:
+        return round(self.config.redis.lease_timeout * 1000)
 
     async def start(self, *, loops: bool = True) -> None:
         """Writes the pool configuration, registers the replica and starts its loops."""
         await self.store.configure(self._clock())
+        self._epoch = self.store.epoch
         await self.heartbeat()
         if loops:
             self.start_loops()
 
     def start_loops(self) -> None:
-        """Inbox listener, heartbeat and maintenance; each survives store errors and retries."""
+        """Inbox listener, heartbeat, maintenance and the lease watchdog; each survives every
+        exception and retries."""
         redis = self.config.redis
+        self._stopping = False
         self._tasks = [
             asyncio.create_task(self._inbox_loop(), name="inbox"),
             asyncio.create_task(self._every(redis.heartbeat_interval, self.heartbeat)),
             asyncio.create_task(self._every(redis.maintenance_interval, self.maintain)),
+            asyncio.create_task(self._every(_WATCHDOG_S, self._watch_lease)),
         ]
 
     async def stop(self, *, deregister: bool = False) -> None:
         """Stops the loops. ``deregister`` ends the replica's lease now, so the others reclaim
         whatever it still holds at their next maintenance instead of after the lease timeout."""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_result(Delivery("", ScriptStatus.EVICTED_OTHER, 0))
+        # Enqueues still on the wire, then the clean-ups their replies may start.
+        while self._calls or self._background:
+            await asyncio.gather(*self._calls, *self._background, return_exceptions=True)
+        for pending in list(self._queued.values()):
+            pending.settle(Admission(Outcome.EVICTED_OTHER, pending.item_id))
+        self._queued.clear()
         if deregister:
             with contextlib.suppress(StoreError):
                 await self.store.heartbeat(0, now=self._clock())
@@ -136,97 +184,122 @@ class FlowController:
         When this returns, the request holds its place in the pool's order. ``lease_ms`` > 0 makes
         the slot a lease that expires unless renewed (for tickets held outside this replica).
         """
-        deadline = asyncio.get_running_loop().time() + request.ttl_ms / 1000
-        pending = Pending(self, request, lease_ms, deadline)
-        await pending.enqueue()
+        if self._recovery is not None and not self._recovery.done():
+            # Waiting requests are being re-queued: newcomers go behind them.
+            with contextlib.suppress(StoreError):
+                await asyncio.shield(self._recovery)
+        loop = asyncio.get_running_loop()
+        pending = Pending(
+            self, request, lease_ms, loop.time() + request.ttl_ms / 1000, next(self._order)
+        )
+        await pending.enqueued(self.start_enqueue(pending))
         return pending
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    # What Pending asks of its controller (sidecar/lifecycle.py) ---------------------------------
 
-    async def _undo(self, enqueue: asyncio.Future[ScriptReply]) -> None:
-        """The caller went away while its enqueue was on the wire: undo what the script did."""
-        try:
-            reply = await enqueue
-        except (StoreError, asyncio.CancelledError):
-            return
-        if reply.status is ScriptStatus.QUEUED:
-            await self._cancel(reply.item_id)
-        elif reply.status is ScriptStatus.DISPATCHED:
-            with contextlib.suppress(StoreError):
-                await self.release(reply.item_id)
+    def start_enqueue(self, pending: Pending, *, direct: bool = False) -> asyncio.Future[Any]:
+        """Sends ``pending``'s enqueue with its remaining TTL; the reply goes to the pending."""
+        request = pending.request
+        remaining_ms = max(int((pending.deadline - asyncio.get_running_loop().time()) * 1000), 1)
+        call = self.store.submit_enqueue(
+            band=request.priority,
+            flow=key_id(request.fairness_id, escape_id(DEFAULT_FLOW)),
+            workload=pending.workload,
+            criticality=request.criticality,
+            byte_size=request.byte_size,
+            ttl_ms=remaining_ms,
+            lease_ms=pending.lease_ms,
+            now=self._clock(),
+            direct=direct,
+        )
+        pending.sent_at = asyncio.get_running_loop().time()
+        call.add_done_callback(pending.on_enqueue_reply)
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        return call
 
-    def _settle(self, delivery: Delivery, workload: str, lease_ms: int) -> Admission | None:
-        if delivery.status is ScriptStatus.NOT_FOUND:
-            return None
-        if delivery.status is ScriptStatus.DISPATCHED:
-            return self._admitted(delivery.item_id, workload, delivery.wait_ms, lease_ms)
-        return Admission(STATUS_OUTCOME[delivery.status], delivery.item_id, delivery.wait_ms)
+    def track_queued(self, pending: Pending) -> Delivery | None:
+        """Registers a queued request; returns a wake-up that arrived before its enqueue reply."""
+        self._queued[pending.item_id] = pending
+        return self._early.pop(pending.item_id, None)
 
-    def _register(self, item_id: str) -> asyncio.Future[Delivery]:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters[item_id] = waiter
-        if (early := self._early.pop(item_id, None)) is not None:
-            waiter.set_result(early)
-        return waiter
+    def untrack(self, pending: Pending, item_id: str) -> None:
+        if self._queued.get(item_id) is pending:
+            del self._queued[item_id]
 
-    def _admitted(self, item_id: str, workload: str, wait_ms: int, lease_ms: int) -> Admission:
+    def hold(self, item_id: str, workload: str, lease_ms: int) -> None:
+        """Records a slot this replica was given: its own (lease 0) or a ticket's."""
         if lease_ms == 0:
-            self._held[item_id] = workload
-        return Admission(Outcome.DISPATCHED, item_id, wait_ms)
+            self._held[item_id] = _Hold(workload)
+        else:
+            expires = asyncio.get_running_loop().time() + lease_ms / 1000
+            self._tickets[item_id] = _Ticket(workload, expires)
 
-    async def _expire(
-        self, item_id: str, workload: str, lease_ms: int, waiter: asyncio.Future[Delivery]
-    ) -> Admission:
+    def watch(self, item_id: str, on_lost: Callable[[], object]) -> None:
+        """``on_lost`` runs if the replica loses the held slot (its lease lapsed)."""
+        hold = self._held.get(item_id)
+        if hold is not None:
+            hold.on_lost = on_lost
+
+    def report(self, request: FlowControlRequest, admission: Admission) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(request, admission)
+
+    def cancel_later(self, item_id: str) -> asyncio.Task[None]:
+        """Takes a queued item out in the background (its caller is gone)."""
+        return self._spawn(self._cancel(item_id))
+
+    def release_later(self, item_id: str) -> asyncio.Task[None]:
+        """Frees a slot nobody will use, in the background (retried until the store answers)."""
+        self._held.pop(item_id, None)
+        self._tickets.pop(item_id, None)
+        return self._spawn(self._release_quietly(item_id))
+
+    async def expire(self, item_id: str) -> ScriptReply:
+        """Takes a queued item out because its TTL ran out here; on failure, retried later."""
         try:
-            reply = await self.store.cancel(item_id, ScriptStatus.EVICTED_TTL, now=self._clock())
+            return await self.store.cancel(item_id, ScriptStatus.EVICTED_TTL, now=self._clock())
         except StoreError:
             self._abandoned.add(item_id)
             raise
-        self._deliver(reply.deliveries)
-        if reply.status is ScriptStatus.DISPATCHED:
-            # Dispatched while the timer fired: the slot is ours, so the request may still go.
-            wait = waiter.result().wait_ms if waiter.done() else 0
-            return self._admitted(item_id, workload, wait, lease_ms)
-        if waiter.done() and waiter.result().status is not ScriptStatus.NOT_FOUND:
-            settled = self._settle(waiter.result(), workload, lease_ms)
-            if settled is not None:
-                return settled
-        # Removed here, or already by another replica's maintenance (its wake-up is still on the
-        # way): either way the request outlived its TTL.
-        return Admission(Outcome.EVICTED_TTL, item_id, 0)
+
+    def elapsed_ms(self, pending: Pending) -> int:
+        loop_time = asyncio.get_running_loop().time()
+        return max(int((loop_time - (pending.deadline - pending.request.ttl_ms / 1000)) * 1000), 0)
+
+    # Releases ------------------------------------------------------------------------------------
+
+    async def release(self, item_id: str) -> bool:
+        """Frees a dispatched slot; False if it was already free. Idempotent.
+
+        The release runs to the end even if the caller is cancelled (its reply may dispatch this
+        replica's waiting requests). If the store cannot be reached, it is kept and retried on
+        every heartbeat until it succeeds: a lost release would hold a slot forever."""
+        self._held.pop(item_id, None)
+        self._tickets.pop(item_id, None)
+        call = self.store.submit_release(item_id, now=self._clock())
+        call.add_done_callback(functools.partial(self._release_done, item_id))
+        reply: ScriptReply = await asyncio.shield(call)
+        return reply.status is ScriptStatus.DISPATCHED
+
+    def _release_done(self, item_id: str, call: asyncio.Future[ScriptReply]) -> None:
+        if call.cancelled() or call.exception() is not None:
+            self._unreleased.add(item_id)
+        else:
+            self._unreleased.discard(item_id)
+
+    async def _release_quietly(self, item_id: str) -> None:
+        with contextlib.suppress(StoreError):
+            await self.release(item_id)
 
     async def _cancel(self, item_id: str) -> None:
         try:
-            reply = await self.store.cancel(
-                item_id, ScriptStatus.EVICTED_CANCELLED, now=self._clock()
-            )
+            await self.store.cancel(item_id, ScriptStatus.EVICTED_CANCELLED, now=self._clock())
         except StoreError:
             log.warning("could not cancel %s; retrying on the next heartbeat", item_id)
             self._abandoned.add(item_id)
             return
         self._abandoned.discard(item_id)
-        self._held.pop(item_id, None)
-        self._deliver(reply.deliveries)
-
-    async def release(self, item_id: str) -> bool:
-        """Frees a dispatched slot; False if it was already free. Idempotent.
-
-        If the store cannot be reached, the release is kept and retried on every heartbeat until
-        it succeeds (a lost release would hold a slot of the global budget forever)."""
-        self._held.pop(item_id, None)
-        try:
-            reply = await self.store.release(item_id, now=self._clock())
-        except (StoreError, asyncio.CancelledError):
-            # Cancelled mid-call (the client went away): the release may or may not have run.
-            # Retrying is safe (idempotent) and cheaper than shielding every release in a Task.
-            self._unreleased.add(item_id)
-            raise
-        self._unreleased.discard(item_id)
-        self._deliver(reply.deliveries)
-        return reply.status is ScriptStatus.DISPATCHED
 
     async def _retry_releases(self) -> None:
         for item_id in sorted(self._unreleased):
@@ -237,149 +310,227 @@ class FlowController:
             await self._cancel(item_id)
 
     async def renew(self, item_id: str, lease_ms: int) -> bool:
-        return await self.store.renew(item_id, lease_ms, now=self._clock())
+        renewed = await self.store.renew(item_id, lease_ms, now=self._clock())
+        if renewed:
+            known = self._tickets.get(item_id)
+            expires = asyncio.get_running_loop().time() + lease_ms / 1000
+            self._tickets[item_id] = _Ticket(known.workload if known else "", expires)
+        return renewed
 
-    def _report(self, request: FlowControlRequest, admission: Admission) -> None:
-        if self._on_outcome is not None:
-            self._on_outcome(request, admission)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
-    # Deliveries and loops ----------------------------------------------------------------------
+    # Deliveries ----------------------------------------------------------------------------------
 
     def _deliver(self, deliveries: list[Delivery]) -> None:
+        """The store's sink: outcomes of this replica's items, from any reply."""
         for delivery in deliveries:
-            waiter = self._waiters.get(delivery.item_id)
-            if waiter is not None:
-                if not waiter.done():
-                    waiter.set_result(delivery)
+            pending = self._queued.get(delivery.item_id)
+            if pending is not None:
+                pending.on_delivery(delivery)
                 continue
             self._early[delivery.item_id] = delivery
             if len(self._early) > _EARLY_LIMIT:
                 self._early.popitem(last=False)
 
+    def _deliver_inbox(self, deliveries: list[Delivery]) -> None:
+        """Wake-ups read from the inbox may predate a lapse of this replica's lease (it was
+        paused with them in its socket): while the lease is in doubt they wait for a heartbeat."""
+        if self._lease_in_doubt():
+            self._deferred.extend(deliveries)
+        else:
+            self._deliver(deliveries)
+
+    def _lease_in_doubt(self) -> bool:
+        if self._lease_lost:
+            return True
+        if self._last_beat is None:
+            return False
+        age = asyncio.get_running_loop().time() - self._last_beat
+        return age > self.config.redis.lease_timeout
+
+    # Heartbeat, lease and recovery ---------------------------------------------------------------
+
     async def heartbeat(self) -> None:
-        lease_ms = round(self.config.redis.lease_timeout * 1000)
-        known = await self.store.heartbeat(lease_ms, now=self._clock())
-        if not known and self._registered:
-            await self._recover()
+        started = asyncio.get_running_loop().time()
+        owned = len(self._held) + len(self._queued)
+        beat = await self.store.heartbeat(self.lease_ms, now=self._clock(), owned=owned)
+        if not beat.known and self._registered:
+            if beat.epoch != self._epoch:
+                await self._recover_from_loss()  # a new pool: Redis lost the old one
+            else:
+                await self._reclaimed()  # the pool reclaimed this replica: its lease lapsed
+        else:
+            if self._deferred:
+                deferred, self._deferred = self._deferred, []
+                self._deliver(deferred)
+            if beat.differs and self._registered:
+                await self._reconcile()
+        self._epoch = self.store.epoch
         self._registered = True
+        self._last_beat = started
+        self._lease_lost = False
+        self._prune_tickets()
         await self._retry_releases()
 
-    async def _recover(self) -> None:
-        """The store forgot this replica (Redis restarted, or a stall outlived the lease)."""
+    async def _watch_lease(self) -> None:
+        """Aborts what the replica holds once its lease may have lapsed (DESIGN.md §7)."""
+        if not self._lease_lost and self._lease_in_doubt():
+            self._lease_lost = True
+            self.lapses += 1
+            log.warning(
+                "replica %s has not renewed its lease for %.1fs: aborting %d held requests",
+                self.store.replica_id,
+                self.config.redis.lease_timeout,
+                len(self._held),
+            )
+            self._abort_held()
+
+    def _abort_held(self) -> None:
+        held, self._held = self._held, {}
+        for item_id, hold in held.items():
+            if hold.on_lost is not None:
+                try:
+                    hold.on_lost()
+                except Exception:
+                    log.exception("aborting the request holding %s failed", item_id)
+            # Idempotent: frees the slot if the pool did not reclaim it already.
+            self._spawn(self._release_quietly(item_id))
+
+    async def _reclaimed(self) -> None:
+        """The pool removed this replica (its lease ran out): what it held and queued is gone."""
+        self.lapses += 1
         log.warning(
-            "pool state lost for replica %s: re-registering %d held slots, re-queueing %d waiters",
+            "replica %s was reclaimed by the pool (lease lapsed): aborting %d held requests, "
+            "re-queueing %d waiting ones",
             self.store.replica_id,
             len(self._held),
-            len(self._waiters),
+            len(self._queued),
         )
-        if self._held:
-            await self.store.reregister(list(self._held.items()), now=self._clock())
-        # Waiters take new places in their original order; their tasks then wait on the new ids.
-        for item_id in sorted(self._pending):
-            pending = self._pending.pop(item_id)
-            old = self._waiters.get(item_id)
-            await pending.enqueue()
-            if old is not None and not old.done():
-                old.set_result(Delivery(item_id, ScriptStatus.NOT_FOUND, 0))
+        self._abort_held()
+        for delivery in self._deferred:
+            if delivery.status is ScriptStatus.DISPATCHED:
+                self._spawn(self._release_quietly(delivery.item_id))
+        self._deferred = []
+        await self._requeue_waiters()
+
+    async def _reconcile(self) -> None:
+        """The pool's record of this replica's items differs from what it holds (lost writes
+        after a failover, a release that failed, or calls still on the wire): align it."""
+        redis = self.config.redis
+        grace_ms = round((redis.heartbeat_interval + 2 * redis.timeout) * 1000)
+        held = [(item_id, hold.workload) for item_id, hold in self._held.items()]
+        result = await self.store.reconcile(held, list(self._queued), grace_ms, now=self._clock())
+        if result.released or result.readded or result.dropped or result.missing:
+            log.warning(
+                "replica %s reconciled with the pool: released %d, re-added %d, dropped %d, "
+                "re-queueing %d lost requests",
+                self.store.replica_id,
+                result.released,
+                result.readded,
+                result.dropped,
+                len(result.missing),
+            )
+        for item_id in result.missing:
+            pending = self._queued.pop(item_id, None)
+            if pending is not None and pending.requeueable:
+                with contextlib.suppress(StoreError):
+                    await asyncio.shield(pending.requeue())
+
+    async def _recover_from_loss(self, _now: int | None = None) -> None:
+        """The store hook for a pool without configuration, and the heartbeat's answer to a new
+        epoch: one recovery at a time, shared by every call that needs it."""
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.ensure_future(self._recover())
+        await asyncio.shield(self._recovery)
+
+    async def _recover(self) -> None:
+        """Redis lost the pool: count what this replica still holds, then re-queue its waiters.
+
+        Nothing of this replica's is admitted before its slots and live tickets are back in the
+        count; a fresh pool holds all dispatch for ``redis.recoveryHold`` so the other replicas
+        can do the same (lua/configure.lua)."""
+        self.recoveries += 1
+        now = self._clock()
+        tickets = self._live_tickets()
+        log.warning(
+            "pool state lost for replica %s: re-registering %d held slots and %d tickets, "
+            "re-queueing %d waiters",
+            self.store.replica_id,
+            len(self._held),
+            len(tickets),
+            len(self._queued),
+        )
+        await self.store.configure(now, recovering=self._epoch is not None)
+        holdings = [(item_id, hold.workload, 0) for item_id, hold in self._held.items()]
+        holdings += tickets
+        if holdings:
+            await self.store.reregister(holdings, now=now, direct=True)
+        await self.store.call_direct("heartbeat", now, self.store.replica_id, self.lease_ms)
+        self._epoch = self.store.epoch
+        self._registered = True
+        self._deferred = []
+        await self._requeue_waiters()
+
+    async def _requeue_waiters(self) -> None:
+        """Waiting requests take new places, in the order they first arrived."""
+        waiting = sorted(self._queued.values(), key=lambda p: p.order)
+        self._queued.clear()
+        for pending in waiting:
+            if pending.requeueable:
+                # A failure reaches the request's own result(); the others still go.
+                with contextlib.suppress(StoreError):
+                    await asyncio.shield(pending.requeue())
+
+    def _live_tickets(self) -> list[tuple[str, str, int]]:
+        now = asyncio.get_running_loop().time()
+        return [
+            (item_id, t.workload, int((t.expires - now) * 1000))
+            for item_id, t in self._tickets.items()
+            if t.expires - now > 0.001
+        ]
+
+    def _prune_tickets(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for item_id in [i for i, t in self._tickets.items() if t.expires <= now]:
+            del self._tickets[item_id]
+
+    # Loops ---------------------------------------------------------------------------------------
 
     async def maintain(self, *, force: bool = False) -> None:
         interval_ms = round(self.config.redis.maintenance_interval * 1000)
-        self._deliver(await self.store.maintain(interval_ms, force=force, now=self._clock()))
+        await self.store.maintain(interval_ms, force=force, now=self._clock())
 
     async def _inbox_loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
-                self._deliver(await self.store.pop_inbox(_INBOX_BLOCK_S))
-            except StoreError as exc:
-                log.warning("inbox: %s", exc)
+                self._deliver_inbox(await self.store.pop_inbox(_INBOX_BLOCK_S))
+            except Exception as exc:
+                self._loop_failed("inbox", exc)
                 await asyncio.sleep(_RETRY_BACKOFF_S)
 
-    async def _every(self, interval_s: float, step: Callable[[], object]) -> None:
-        while True:
+    async def _every(
+        self, interval_s: float, step: Callable[[], Coroutine[Any, Any, None]]
+    ) -> None:
+        name = getattr(step, "__name__", "loop")
+        while not self._stopping:
             await asyncio.sleep(interval_s)
             try:
-                result = step()
-                if asyncio.iscoroutine(result):
-                    await result
-            except StoreError as exc:
-                log.warning("%s: %s", getattr(step, "__name__", "loop"), exc)
+                await step()
+            except Exception as exc:
+                self._loop_failed(name, exc)
 
-
-class Pending:
-    """A submitted request. ``result`` waits for its outcome (once)."""
-
-    def __init__(
-        self,
-        controller: FlowController,
-        request: FlowControlRequest,
-        lease_ms: int,
-        deadline: float,
-    ) -> None:
-        self._ctrl = controller
-        self.request = request
-        self._lease_ms = lease_ms
-        self._deadline = deadline
-        self._workload = key_id(request.workload_id)
-        self.item_id = ""
-        self.admission: Admission | None = None
-        self._waiter: asyncio.Future[Delivery] | None = None
-
-    async def enqueue(self) -> None:
-        ctrl = self._ctrl
-        remaining_ms = max(int((self._deadline - asyncio.get_running_loop().time()) * 1000), 1)
-        call = asyncio.ensure_future(
-            ctrl.store.enqueue(
-                band=self.request.priority,
-                flow=key_id(self.request.fairness_id, escape_id(DEFAULT_FLOW)),
-                workload=self._workload,
-                criticality=self.request.criticality,
-                byte_size=self.request.byte_size,
-                ttl_ms=remaining_ms,
-                lease_ms=self._lease_ms,
-                now=ctrl._clock(),
-            )
-        )
-        try:
-            reply = await asyncio.shield(call)
-        except asyncio.CancelledError:
-            ctrl._spawn(ctrl._undo(call))
-            raise
-        ctrl._deliver(reply.deliveries)
-        self.item_id = reply.item_id
-        if reply.status is ScriptStatus.DISPATCHED:
-            self.admission = ctrl._admitted(
-                reply.item_id, self._workload, int(reply.detail or 0), self._lease_ms
-            )
-        elif reply.status is ScriptStatus.QUEUED:
-            self._waiter = ctrl._register(reply.item_id)
-            ctrl._pending[reply.item_id] = self
+    def _loop_failed(self, name: str, exc: Exception) -> None:
+        """A background loop never dies: it logs, counts and goes on (unless it is being
+        stopped: a client library may turn the cancellation into an error of its own)."""
+        task = asyncio.current_task()
+        if self._stopping or (task is not None and task.cancelling()):
+            raise asyncio.CancelledError from exc
+        self.loop_errors += 1
+        if isinstance(exc, StoreError):
+            log.warning("%s: %s", name, exc)
         else:
-            self.admission = Admission(STATUS_OUTCOME.get(reply.status, Outcome.REJECTED_OTHER))
-
-    async def result(self) -> Admission:
-        while self.admission is None:
-            waiter = self._waiter
-            outcome = await self._wait()
-            if outcome is not None:
-                self.admission = outcome
-            elif self._waiter is waiter:
-                # The store lost the item and recovery did not re-queue it: do it here.
-                await self.enqueue()
-        self._ctrl._report(self.request, self.admission)
-        return self.admission
-
-    async def _wait(self) -> Admission | None:
-        ctrl, item_id, waiter = self._ctrl, self.item_id, self._waiter
-        assert waiter is not None
-        try:
-            async with asyncio.timeout_at(self._deadline):
-                delivery = await asyncio.shield(waiter)
-        except TimeoutError:
-            return await ctrl._expire(item_id, self._workload, self._lease_ms, waiter)
-        except asyncio.CancelledError:
-            await asyncio.shield(ctrl._cancel(item_id))
-            raise
-        finally:
-            ctrl._waiters.pop(item_id, None)
-            ctrl._pending.pop(item_id, None)
-        return ctrl._settle(delivery, self._workload, self._lease_ms)
+            log.error("%s: unexpected %s", name, exc, exc_info=exc)

@@ -7,6 +7,7 @@ import os
 import secrets
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
@@ -22,7 +23,31 @@ ENV = {
     "upstream": "SIDECAR_UPSTREAM",
     "pool": "SIDECAR_POOL",
     "replica_id": "SIDECAR_REPLICA_ID",
+    "ticket_secret_file": "SIDECAR_TICKET_SECRET_FILE",
+    "admin_token_file": "SIDECAR_ADMIN_TOKEN_FILE",
 }
+# Secrets may also come inline from the environment (never as a flag: argv is visible to all).
+INLINE_ENV = {
+    "ticket_secret_file": "SIDECAR_TICKET_SECRET",
+    "admin_token_file": "SIDECAR_ADMIN_TOKEN",
+}
+
+
+class Secret:
+    """A credential. Its repr and str are masked, so no log line or error message can carry it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
 
 
 class ServeOptions(msgspec.Struct, frozen=True):
@@ -32,6 +57,10 @@ class ServeOptions(msgspec.Struct, frozen=True):
     redis_url: str | None
     upstream: str | None
     replica_id: str
+    # None: tickets are signed with a per-process secret (sidecar/tickets.py warns).
+    ticket_secret: Secret | None = None
+    # None: the admin port's /state is open.
+    admin_token: Secret | None = None
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +82,16 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--replica-id", help="replica id prefix; a random suffix is added [SIDECAR_REPLICA_ID]"
     )
+    parser.add_argument(
+        "--ticket-secret-file",
+        help="file holding the HMAC secret that signs tickets; the same for all replicas of a "
+        "pool [SIDECAR_TICKET_SECRET_FILE, or the secret itself in SIDECAR_TICKET_SECRET]",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        help="file holding the bearer token /state requires on the admin port "
+        "[SIDECAR_ADMIN_TOKEN_FILE, or the token itself in SIDECAR_ADMIN_TOKEN]",
+    )
 
 
 def parse_hostport(value: str, what: str) -> tuple[str, int]:
@@ -60,6 +99,29 @@ def parse_hostport(value: str, what: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{what}: expected host:port, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def read_secret(args: argparse.Namespace, env: Mapping[str, str], name: str) -> Secret | None:
+    """A secret from its file flag, else its file env var, else its inline env var; the file's
+    content is stripped. Errors name the setting, never the content."""
+    path = getattr(args, name, None) or env.get(ENV[name]) or None
+    inline = env.get(INLINE_ENV[name]) or None
+    what = name.removesuffix("_file").replace("_", " ")
+    if path is None:
+        return None if inline is None else _nonempty(inline.strip().encode(), what)
+    if getattr(args, name, None) is None and inline is not None:
+        raise ConfigError(f"{what}: set {INLINE_ENV[name]} or {ENV[name]}, not both")
+    try:
+        content = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    return _nonempty(content.strip(), what)
+
+
+def _nonempty(value: bytes, what: str) -> Secret:
+    if not value:
+        raise ConfigError(f"{what}: is empty")
+    return Secret(value)
 
 
 def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeOptions:
@@ -87,4 +149,6 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         redis_url=pick("redis_url") or config.redis.url,
         upstream=(pick("upstream") or server.upstream or "").rstrip("/") or None,
         replica_id=f"{prefix}-{secrets.token_hex(3)}",
+        ticket_secret=read_secret(args, env, "ticket_secret_file"),
+        admin_token=read_secret(args, env, "admin_token_file"),
     )

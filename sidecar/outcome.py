@@ -6,7 +6,7 @@ import enum
 
 
 class Outcome(enum.StrEnum):
-    """Same words as GIE so its dashboards keep working."""
+    """Our words for outcomes (DESIGN §2); llm-d's metric label for each is ``LLM_D_OUTCOME``."""
 
     DISPATCHED = "dispatched"
     REJECTED_CAPACITY = "rejected_capacity"
@@ -16,8 +16,24 @@ class Outcome(enum.StrEnum):
     EVICTED_OTHER = "evicted_other"
 
 
+# The outcome label values of llm-d's flow control metrics: QueueOutcome.String() in
+# llm-d/llm-d-router pkg/epp/flowcontrol/types/outcomes.go, listed in its docs/metrics.md.
+# llm-d's RejectedNoEndpoints / EvictedNoEndpoints have no counterpart: a concurrency limit has
+# no endpoint list that could be empty.
+LLM_D_OUTCOME: dict[Outcome, str] = {
+    Outcome.DISPATCHED: "Dispatched",
+    Outcome.REJECTED_CAPACITY: "RejectedCapacity",
+    Outcome.REJECTED_OTHER: "RejectedOther",
+    Outcome.EVICTED_TTL: "EvictedTTL",
+    Outcome.EVICTED_CANCELLED: "EvictedContextCancelled",
+    Outcome.EVICTED_OTHER: "EvictedOther",
+}
+# llm-d labels an enqueue that left the request waiting in the queue with this value (processor.go).
+LLM_D_NOT_YET_FINALIZED = "NotYetFinalized"
+
+
 class ScriptStatus(enum.IntEnum):
-    """First element of every script reply; mirrored in lua/includes/status.lua."""
+    """First element of every script reply; mirrored in lua/includes/common.lua (S_* locals)."""
 
     QUEUED = 0
     DISPATCHED = 1

@@ -1,4 +1,4 @@
-"""The admission service behind every HTTP surface: failure mode, circuit breaker, draining.
+"""The admission service behind every HTTP surface: failure mode, draining, held requests.
 
 Proxy, admission API and gateway check all ask ``admit``; it answers with an Admission, a ready-made
 refusal (shutting down, Redis unavailable and failing closed) or PASS_THROUGH (Redis unavailable and
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sidecar.breaker import CircuitBreaker
+from sidecar.breaker import BreakerOpen, CircuitBreaker
 from sidecar.config import Config, FailureMode
 from sidecar.controller import Admission, FlowController
 from sidecar.errors import StoreError
@@ -47,7 +47,11 @@ class AdmissionService:
         self.config = config
         self.controller = controller
         self.metrics = metrics
-        self.breaker = breaker or CircuitBreaker()
+        # The breaker judges store calls, so it lives in the store; the service only reads it.
+        store = controller.store
+        if store.breaker is None:
+            store.breaker = breaker or CircuitBreaker()
+        self.breaker = store.breaker
         self.draining = False
         # Admitted requests still running (proxy mode), for the graceful drain.
         self.active = 0
@@ -57,20 +61,22 @@ class AdmissionService:
     async def admit(self, request: FlowControlRequest, *, lease_ms: int = 0) -> Decision:
         if self.draining:
             return unavailable(SHUTTING_DOWN, "the sidecar is shutting down")
-        if not self.breaker.allow():
-            return self._without_store("circuit_open")
         try:
             admission = await self.controller.enqueue_and_wait(request, lease_ms=lease_ms)
+        except BreakerOpen:
+            self._store_failed()
+            return self._without_store("circuit_open")
         except StoreError as exc:
             log.warning("admission store error: %s", exc)
             self._store_failed()
             return self._without_store("store_error")
-        self.breaker.success()
-        self.metrics.breaker_open.set(0)
+        self._store_ok()
         return admission
 
     def _store_failed(self) -> None:
-        self.breaker.failure()
+        self.metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+
+    def _store_ok(self) -> None:
         self.metrics.breaker_open.set(1 if self.breaker.is_open else 0)
 
     def _without_store(self, reason: str) -> web.Response | PassThrough:
@@ -91,16 +97,23 @@ class AdmissionService:
 
     @contextlib.asynccontextmanager
     async def holding(self, admission: Admission | None) -> AsyncIterator[None]:
-        """Counts a running request for the drain and frees its slot however it ends."""
+        """Counts a running request for the drain and frees its slot however it ends.
+
+        If the replica loses the slot (its lease lapsed while it was paused or cut off), the
+        request is cancelled: it must not keep running on a slot the pool gave to another."""
         self.active += 1
         self._idle.clear()
+        if admission is not None:
+            task = asyncio.current_task()
+            if task is not None:
+                self.controller.watch(admission.item_id, task.cancel)
         try:
             yield
         finally:
             try:
                 if admission is not None:
-                    # Not shielded (a Task per request costs): if the client's disconnect cancels
-                    # this release, the controller retries it on its next heartbeat.
+                    # Runs to the end in the store even if this handler is cancelled meanwhile
+                    # (its reply may dispatch other requests); a failure is retried later.
                     await self.release(admission.item_id)
             finally:
                 self.active -= 1
@@ -117,3 +130,37 @@ class AdmissionService:
             log.warning("grace period over with %d requests still running", self.active)
             return False
         return True
+
+    # Tickets (slots held outside the sidecar) -------------------------------------------------
+
+    async def release_ticket(self, item_id: str) -> TicketResult:
+        """Frees a ticket's slot. UNAVAILABLE when the store failed or the breaker is open:
+        nothing was decided, and the controller retries the release on its heartbeats."""
+        try:
+            released = await self.controller.release(item_id)
+        except StoreError as exc:
+            log.warning("release of %s deferred: %s", item_id, exc)
+            self._store_failed()
+            return TicketResult.UNAVAILABLE
+        self._store_ok()
+        return TicketResult.DONE if released else TicketResult.NOT_HELD
+
+    async def renew_ticket(self, item_id: str, lease_ms: int) -> TicketResult:
+        """Extends a ticket's lease to ``lease_ms`` from now. NOT_HELD: it was released or its
+        lease ran out. UNAVAILABLE: the store failed or the breaker is open (the client retries)."""
+        try:
+            renewed = await self.controller.renew(item_id, lease_ms)
+        except StoreError as exc:
+            log.warning("renew of %s failed: %s", item_id, exc)
+            self._store_failed()
+            return TicketResult.UNAVAILABLE
+        self._store_ok()
+        return TicketResult.DONE if renewed else TicketResult.NOT_HELD
+
+
+class TicketResult(enum.Enum):
+    """What a release or renew of a ticket did; sidecar/http/api.py maps it to a status."""
+
+    DONE = "done"  # released, or renewed
+    NOT_HELD = "not_held"  # already free: released before, or its lease ran out
+    UNAVAILABLE = "unavailable"  # the store could not be asked: nothing was decided

@@ -44,6 +44,9 @@ class SimulatedModel:
     # When set, requests wait for it after arriving (tests release them by hand).
     gate: asyncio.Event | None = None
     on_arrival: Callable[[Arrival], Awaitable[None]] | None = None
+    # When set, a streamed response is cut (connection aborted) after this many chunks: a model
+    # server dying mid-response.
+    fail_after_chunks: int | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -91,6 +94,9 @@ class SimulatedModel:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             for i in range(body.max_tokens):
+                if i == self.fail_after_chunks and request.transport is not None:
+                    request.transport.abort()
+                    return response
                 chunk = {
                     "id": "cmpl-sim",
                     "choices": [{"index": 0, "delta": {"content": f"t{i} "}}],

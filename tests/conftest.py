@@ -7,6 +7,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from redis import asyncio as aioredis
 
 from sidecar.config import Config, load_config
 from sidecar.store import PoolStore
@@ -54,10 +55,39 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         b = Backend("fake", lambda: fakeredis.FakeAsyncRedis(server=server, max_connections=10**6))
     else:
         url = request.getfixturevalue("redis_server").url
-        b = Backend("redis", lambda: connect(url, timeout_s=5.0)[0])
-        await b.client().flushall()
-    yield b
-    await b.close()
+
+        def real_client() -> Any:
+            client, inbox = connect(url, timeout_s=5.0)
+            b.clients.append(inbox)  # unused here, but a client: closed with the others
+            return client
+
+        b = Backend("redis", real_client)
+    try:
+        if b.name == "redis":
+            await b.client().flushall()
+        yield b
+    finally:
+        await b.close()
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("embedded", id="embedded"),
+        pytest.param("redis", marks=pytest.mark.redis, id="redis"),
+    ]
+)
+async def store_url(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """For HTTP tests: None (the embedded store) or the URL of a flushed real redis-server."""
+    if request.param == "embedded":
+        yield None
+        return
+    url: str = request.getfixturevalue("redis_server").url
+    client = aioredis.from_url(url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    yield url
 
 
 def make_config(limit: int = 1, **overrides: Any) -> Config:

@@ -13,7 +13,7 @@ import aiohttp
 
 from sidecar.config import Config
 from sidecar.http.app import Server
-from sidecar.options import ServeOptions
+from sidecar.options import Secret, ServeOptions
 from sidecar.simulator import SimulatedModel, start_app
 from tests.redis_proc import free_port
 
@@ -52,6 +52,49 @@ async def running_stack(
 ) -> AsyncIterator[Stack]:
     model = upstream or SimulatedModel(latency_s=0.05)
     runner, port = await start_app(model.app())
+    try:
+        data_port, admin_port = free_port(), free_port()
+        options = ServeOptions(
+            config=config,
+            listen=("127.0.0.1", data_port),
+            admin_listen=("127.0.0.1", admin_port),
+            redis_url=redis_url,
+            upstream=f"http://127.0.0.1:{port}",
+            replica_id="test",
+        )
+        server = Server(options)
+        # Whatever fails from here on, the replica's Redis clients and its loops are closed.
+        try:
+            await server.start()
+            async with aiohttp.ClientSession() as session:
+                try:
+                    yield Stack(
+                        server,
+                        model,
+                        session,
+                        f"http://127.0.0.1:{data_port}",
+                        f"http://127.0.0.1:{admin_port}",
+                    )
+                finally:
+                    if model.gate is not None:
+                        model.gate.set()
+        finally:
+            await server.shutdown()
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def secured_stack(
+    config: Config,
+    *,
+    ticket_secret: bytes | None = None,
+    admin_token: bytes | None = None,
+    redis_url: str | None = None,
+) -> AsyncIterator[Stack]:
+    """Like ``running_stack``, with a ticket secret and an admin token (None: not configured)."""
+    model = SimulatedModel(latency_s=0)
+    runner, port = await start_app(model.app())
     data_port, admin_port = free_port(), free_port()
     options = ServeOptions(
         config=config,
@@ -59,7 +102,9 @@ async def running_stack(
         admin_listen=("127.0.0.1", admin_port),
         redis_url=redis_url,
         upstream=f"http://127.0.0.1:{port}",
-        replica_id="test",
+        replica_id="secured",
+        ticket_secret=None if ticket_secret is None else Secret(ticket_secret),
+        admin_token=None if admin_token is None else Secret(admin_token),
     )
     server = Server(options)
     await server.start()
@@ -73,8 +118,6 @@ async def running_stack(
             f"http://127.0.0.1:{admin_port}",
         )
     finally:
-        if model.gate is not None:
-            model.gate.set()
         await session.close()
         await server.shutdown()
         await runner.cleanup()

@@ -13,7 +13,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.classify import (
     CONTROL_HEADERS,
+    FAIRNESS_ID_HEADER,
     MAX_HEADER_CHARS,
+    OBJECTIVE_HEADER,
+    OLD_NAMES,
     TTL_HEADER,
     HeaderError,
     classify,
@@ -26,8 +29,10 @@ from sidecar.workload import WorkloadContext
 CONTEXT = "x-workload-context"
 WORKLOAD_ID = "x-workload-id"
 CRITICALITY = "x-workload-criticality"
+# The older names; the llm-d ones are tested in their own section below.
 FAIRNESS = "x-gateway-inference-fairness-id"
 OBJECTIVE = "x-gateway-inference-objective"
+OLD_TTL = "x-gateway-inference-ttl"
 REQUEST_ID = "x-request-id"
 
 OBJECTIVES = {"interactive": 10, "batch": -5, "standard": 0}
@@ -328,6 +333,13 @@ def test_bad_request_id(request_id: str) -> None:
         ("2", 2_000),
         ("0.5m", 30_000),
         ("1.5ms", 2),  # rounded up to whole milliseconds
+        # Go duration syntax, as llm-d reads x-llm-d-inference-ttl:
+        ("1s500ms", 1_500),
+        ("0.5m1.5s", 31_500),
+        ("1500us", 2),
+        ("1500µs", 2),
+        ("2000000ns", 2),
+        ("1m30s", MAX_TTL_MS),
         ("0.0001s", 1),  # a positive TTL never rounds down to zero
         ("2m", MAX_TTL_MS),  # 120 s, capped
         ("1h", MAX_TTL_MS),
@@ -342,7 +354,8 @@ def test_ttl(value: str, ttl_ms: int, strict: bool) -> None:
 @pytest.mark.parametrize(
     "value",
     [
-        *("", "0", "0s", "0.0ms", "-5s", "5 s", "5S", "5d", "1e3", "inf", "nan", "5.", "1m30s"),
+        *("", "0", "0s", "0.0ms", "-5s", "5 s", "5S", "5d", "1e3", "inf", "nan", "5.", "1m30"),
+        *("0ns", "1s 500ms", "1s1s1s1s1s1s1s1s1s", "1.5.5s", "s", "ms5"),
         *("٥s", "1_0", "9" * 16, "1." + "0" * 10, "5s, 10s", "x" * (MAX_HEADER_CHARS + 1)),
     ],
 )
@@ -361,8 +374,91 @@ def test_default_ttl_is_capped_by_the_maximum(strict: bool) -> None:
     assert bad.ttl_ms == MAX_TTL_MS
 
 
-def test_ttl_header_name_is_documented_constant() -> None:
-    assert TTL_HEADER == "x-gateway-inference-ttl"
+def test_ttl_header_names_are_documented_constants() -> None:
+    assert TTL_HEADER == "x-llm-d-inference-ttl"
+    assert OLD_NAMES[TTL_HEADER] == OLD_TTL
+
+
+# --- llm-d names and the older names -------------------------------------------------------------
+
+# (llm-d name, old name, a good value, another good value, a malformed value, what the value sets)
+_ALIASES = [
+    pytest.param(
+        FAIRNESS_ID_HEADER,
+        FAIRNESS,
+        "f-new",
+        "f-old",
+        "a|b",
+        lambda r: r.fairness_id,
+        id="fairness",
+    ),
+    pytest.param(
+        OBJECTIVE_HEADER, OBJECTIVE, "interactive", "batch", "nope", lambda r: r.priority, id="obj"
+    ),
+    pytest.param(TTL_HEADER, OLD_TTL, "2s", "3s", "soon", lambda r: r.ttl_ms, id="ttl"),
+]
+_Read = Callable[[FlowControlRequest], object]
+
+
+def test_llm_d_header_names_are_llm_d_s() -> None:
+    # llm-d/llm-d-router pkg/epp/metadata/consts.go: FlowFairnessIDKey / OldFlowFairnessIDKey and
+    # ObjectiveKey / OldObjectiveKey. llm-d has no TTL header; ours follows the same naming.
+    assert OLD_NAMES == {
+        "x-llm-d-inference-fairness-id": "x-gateway-inference-fairness-id",
+        "x-llm-d-inference-objective": "x-gateway-inference-objective",
+        "x-llm-d-inference-ttl": "x-gateway-inference-ttl",
+    }
+
+
+@pytest.mark.parametrize(("new", "old", "good", "other", "bad", "read"), _ALIASES)
+@pytest.mark.parametrize("strict", [False, True])
+def test_either_name_alone_works_the_same(
+    new: str, old: str, good: str, other: str, bad: str, read: _Read, strict: bool
+) -> None:
+    by_new, by_old = run({new: good}, strict=strict), run({old: good}, strict=strict)
+    assert read(by_new) == read(by_old) != read(run({}, strict=strict))
+
+
+@pytest.mark.parametrize(("new", "old", "good", "other", "bad", "read"), _ALIASES)
+@pytest.mark.parametrize("strict", [False, True])
+def test_llm_d_name_wins_when_both_are_sent(
+    new: str, old: str, good: str, other: str, bad: str, read: _Read, strict: bool
+) -> None:
+    both = run({new: good, old: other}, strict=strict)
+    assert read(both) == read(run({new: good})) != read(run({old: other}))
+
+
+@pytest.mark.parametrize(("new", "old", "good", "other", "bad", "read"), _ALIASES)
+def test_old_name_is_not_read_when_the_llm_d_one_is_sent(
+    new: str, old: str, good: str, other: str, bad: str, read: _Read
+) -> None:
+    # A malformed llm-d header is not rescued by the old one (llm-d reads the first name present)...
+    assert read(run({new: bad, old: other})) == read(run({}))
+    assert header_error({new: bad, old: other}).header == new
+    # ...and a malformed old header beside a good llm-d one is never looked at, even when strict.
+    assert read(run({new: good, old: bad}, strict=True)) == read(run({new: good}))
+
+
+@pytest.mark.parametrize(("new", "old", "good", "other", "bad", "read"), _ALIASES)
+def test_errors_name_the_header_that_was_sent(
+    new: str, old: str, good: str, other: str, bad: str, read: _Read
+) -> None:
+    assert header_error({old: bad}).header == old
+    assert header_error({new: bad}).header == new
+
+
+def test_llm_d_names_in_a_case_insensitive_multidict() -> None:
+    raw = CIMultiDict(
+        {
+            "X-LLM-D-Inference-Fairness-Id": "flow-1",
+            "X-LLM-D-Inference-Objective": "batch",
+            "X-LLM-D-Inference-TTL": "250ms",
+            "X-Gateway-Inference-Objective": "interactive",
+        }
+    )
+    request = run(CIMultiDictProxy(raw), strict=True)
+    assert (request.fairness_id, request.objective, request.priority) == ("flow-1", "batch", -5)
+    assert request.ttl_ms == 250
 
 
 # --- header containers, sizes and repeats --------------------------------------------------------
@@ -414,7 +510,9 @@ def test_oversized_header_is_bad_even_if_it_would_parse() -> None:
 
 
 def test_control_headers() -> None:
-    assert {CONTEXT, WORKLOAD_ID, CRITICALITY, FAIRNESS, OBJECTIVE, TTL_HEADER} == CONTROL_HEADERS
+    old = {FAIRNESS, OBJECTIVE, OLD_TTL}
+    llm_d = {FAIRNESS_ID_HEADER, OBJECTIVE_HEADER, TTL_HEADER}
+    assert {CONTEXT, WORKLOAD_ID, CRITICALITY, *old, *llm_d} == CONTROL_HEADERS
     assert REQUEST_ID not in CONTROL_HEADERS
     assert all(name == name.lower() for name in CONTROL_HEADERS)
 

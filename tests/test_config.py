@@ -16,12 +16,15 @@ from sidecar.config import (
     load_config,
     load_config_file,
 )
+from sidecar.outcome import ScriptStatus
 from sidecar.policies import (
     FcfsOrdering,
     GlobalStrictFairness,
     RoundRobinFairness,
     WorkloadAwareOrdering,
 )
+from sidecar.store.pool import encode_config
+from tests.conftest import Backend, make_config
 
 # The example of the docs, verbatim: it must keep loading exactly as written.
 EXAMPLE = """\
@@ -169,6 +172,91 @@ def test_band_inherits_only_what_it_leaves_out() -> None:
     assert band.ordering.type_name == "edf-ordering-policy"
 
 
+# --- defaultNegativePriorityBand (llm-d: apix/config/v1alpha1/endpointpickerconfig_types.go) ------
+
+NEGATIVE_TEMPLATE = """
+flowControl:
+  defaultPriorityBand: {maxRequests: 100, maxBytes: 1Mi,
+                        fairnessPolicy: {type: round-robin-fairness-policy}}
+  defaultNegativePriorityBand: {maxRequests: 2, orderingPolicy: {type: fcfs-ordering-policy}}
+  priorityBands:
+    - {priority: -1, maxRequests: 7}
+"""
+
+
+def test_negative_template_serves_unlisted_negative_priorities() -> None:
+    cfg = load_config(NEGATIVE_TEMPLATE)
+    # What the negative template leaves out (maxBytes, fairness) comes from defaultPriorityBand.
+    assert cfg.band(-5) == ResolvedBand(
+        priority=-5,
+        max_requests=2,
+        max_bytes=1_048_576,
+        fairness=RoundRobinFairness(),
+        ordering=FcfsOrdering(),
+    )
+    assert cfg.band(-5) == cfg.template_band(-5)
+
+
+def test_negative_template_leaves_zero_positive_and_listed_bands_alone() -> None:
+    cfg = load_config(NEGATIVE_TEMPLATE)
+    for priority in (0, 3):
+        band = cfg.band(priority)
+        assert (band.max_requests, band.ordering) == (100, WorkloadAwareOrdering())
+    # As in llm-d, a template only fills in priorities that priorityBands does not list; a listed
+    # negative band inherits from defaultPriorityBand like every listed band.
+    listed = cfg.band(-1)
+    assert (listed.max_requests, listed.ordering) == (7, WorkloadAwareOrdering())
+
+
+def test_without_negative_template_negative_priorities_use_the_default_template() -> None:
+    cfg = load_config("flowControl: {defaultPriorityBand: {maxRequests: 9}}")
+    assert cfg.flow_control.default_negative_priority_band is None
+    assert cfg.band(-3).max_requests == 9
+    assert cfg.band(-3) == cfg.template_band(-3)
+
+
+def test_negative_template_goes_to_lua_only_when_configured() -> None:
+    with_template = dict(pairs(encode_config(load_config(NEGATIVE_TEMPLATE))))
+    assert with_template["band:-*"].split("|")[:4] == ["rr", "fcfs", "2", "1048576"]
+    assert with_template["band:*"].split("|")[:4] == ["rr", "wa", "100", "1048576"]
+    assert "band:-*" not in dict(pairs(encode_config(load_config(""))))
+
+
+def pairs(flat: list[str]) -> list[tuple[str, str]]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+async def test_store_caps_an_unlisted_negative_band_by_the_negative_template(
+    backend: Backend,
+) -> None:
+    # maxConcurrency 1: the first request takes the slot, later ones queue against the band caps.
+    store = backend.store(make_config(limit=1, **load_config_raw(NEGATIVE_TEMPLATE)))
+    await store.configure(now=0)
+
+    async def enqueue(band: int, now: int) -> ScriptStatus:
+        reply = await store.enqueue(
+            band=band, flow="f", workload="", criticality=3, byte_size=1, ttl_ms=60_000, now=now
+        )
+        return reply.status
+
+    assert await enqueue(0, 1) is ScriptStatus.DISPATCHED
+    # -5 is not listed: the negative template's maxRequests 2 applies.
+    assert [await enqueue(-5, 2 + i) for i in range(3)] == [
+        ScriptStatus.QUEUED,
+        ScriptStatus.QUEUED,
+        ScriptStatus.REJECTED_CAPACITY,
+    ]
+    # -1 is listed (maxRequests 7) and 4 is positive (defaultPriorityBand, 100): neither is capped
+    # at 2.
+    assert {await enqueue(-1, 10 + i) for i in range(3)} == {ScriptStatus.QUEUED}
+    assert {await enqueue(4, 20 + i) for i in range(3)} == {ScriptStatus.QUEUED}
+
+
+def load_config_raw(document: str) -> dict[str, Any]:
+    raw: dict[str, Any] = yaml.safe_load(document)
+    return raw
+
+
 # What pytest.raises throws when nothing was raised: the input is accepted though it must not be.
 _WA = "orderingPolicy: {type: workload-aware-ordering-policy, parameters: "
 
@@ -240,6 +328,21 @@ BAD_CONFIGS = [
         "flowControl: {defaultPriorityBand: {maxRequests: -1}}",
         r"flowControl\.defaultPriorityBand\.maxRequests",
         id="negative-template-max-requests",
+    ),
+    pytest.param(
+        "flowControl: {defaultNegativePriorityBand: {maxRequests: -1}}",
+        r"flowControl\.defaultNegativePriorityBand\.maxRequests: must be >= 0",
+        id="negative-band-template-max-requests",
+    ),
+    pytest.param(
+        "flowControl: {defaultNegativePriorityBand: {orderingPolicy: {type: lifo}}}",
+        r"flowControl\.defaultNegativePriorityBand: unknown ordering policy 'lifo'",
+        id="negative-band-template-unknown-policy",
+    ),
+    pytest.param(
+        "flowControl: {defaultNegativePriorityBand: {maxRequestz: 1}}",
+        r"unknown field `maxRequestz` - at `flowControl\.defaultNegativePriorityBand`",
+        id="negative-band-template-unknown-key",
     ),
     pytest.param(
         "flowControl: {priorityBands: [{priority: 5}, {priority: 5}]}",

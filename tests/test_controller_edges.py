@@ -59,17 +59,19 @@ async def test_failed_release_is_retried_on_heartbeat(backend: Backend) -> None:
     ctrl = FlowController(backend.store(make_config(limit=1)))
     await ctrl.start(loops=False)
     admission = await ctrl.enqueue_and_wait(FlowControlRequest(request_id="h"))
-    real = ctrl.store.release
+    real = ctrl.store.submit_release
     calls = 0
 
-    async def failing(item_id: str, now: int | None = None) -> ScriptReply:
+    def failing(item_id: str, now: int | None = None) -> asyncio.Future[ScriptReply]:
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise StoreError("release: connection refused")
-        return await real(item_id, now=now)
+            refused: asyncio.Future[ScriptReply] = asyncio.get_running_loop().create_future()
+            refused.set_exception(StoreError("release: connection refused"))
+            return refused
+        return real(item_id, now=now)
 
-    ctrl.store.release = failing  # type: ignore[method-assign]
+    ctrl.store.submit_release = failing  # type: ignore[method-assign]
     with pytest.raises(StoreError):
         await ctrl.release(admission.item_id)
     assert int((await stats(ctrl))[b"inflight"]) == 1

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import io
 
-import pytest
-
 from sidecar.demo import WORKLOADS, run_demo
 
 
-@pytest.mark.timeout(30)
 async def test_demo_shows_critical_workloads_waiting_less() -> None:
+    # The demo's load is paced in real time (requests per second against a model that takes
+    # ~0.5 s per completion), so only counts and orders are asserted: a slower machine makes the
+    # overload deeper, which changes no claim below. No run-time limit beyond the suite's own.
     out = io.StringIO()
     report = await run_demo(seconds=4, out=out)
     text = out.getvalue()

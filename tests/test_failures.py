@@ -85,6 +85,8 @@ async def test_redis_restart_reconfigures_and_reregisters(
     assert int(stats[b"inflight"]) == 1
     assert int(stats[b"qn"]) == 1
     assert not result.done()
+    # Dispatch resumes when the recovery hold ends, at a maintenance tick of the loops.
+    ctrl.start_loops()
     await ctrl.release(held.item_id)
     admission = await result
     assert admission.outcome is Outcome.DISPATCHED

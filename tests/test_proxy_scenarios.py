@@ -1,16 +1,19 @@
 """The reference scenarios through the proxy, over real HTTP, with maxConcurrency 3.
 
-The upstream (a simulated model server, ~200 ms per request) records the order requests reach it;
-a gate holds the first requests so the queue fills before anything is released. The normalisation
-caps are set to each scenario's scale, as in the engine tests, and stated in each test.
+The upstream (a simulated model server) records the order requests reach it; a gate or a count of
+permits decides when the requests it holds finish, so each ordering claim rests on events, not on
+the machine's speed. The normalisation caps are set to each scenario's scale, as in the engine
+tests, and stated in each test. Every test runs on the embedded store and on a real redis-server.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from sidecar.config import Config
 from sidecar.simulator import SimulatedModel
@@ -18,6 +21,8 @@ from tests.conftest import make_config
 from tests.http_harness import Stack, eventually, running_stack
 
 LATENCY = 0.2
+# The least wait of hist's first requests, and the wait term's cap (maxWaitTimeSeconds).
+HISTORY_S = 0.5
 
 
 def config(max_wait_s: float, max_rate: float) -> Config:
@@ -62,17 +67,69 @@ async def queued(stack: Stack, n: int) -> None:
     await eventually(check)
 
 
+async def arrived(model: SimulatedModel, n: int) -> None:
+    await eventually(lambda: len(model.arrivals) == n)
+
+
 def gated() -> SimulatedModel:
     model = SimulatedModel(latency_s=LATENCY)
     model.gate = asyncio.Event()
     return model
 
 
-async def test_late_critical_burst_goes_first() -> None:
+class Permits:
+    """Requests reaching the upstream wait for a permit: the test decides when each finishes."""
+
+    def __init__(self, model: SimulatedModel) -> None:
+        self._semaphore = asyncio.Semaphore(0)
+        model.on_arrival = self._hold
+
+    async def _hold(self, _arrival: object) -> None:
+        await self._semaphore.acquire()
+
+    def grant(self, n: int = 1) -> None:
+        for _ in range(n):
+            self._semaphore.release()
+
+
+@dataclass
+class HeldStream(SimulatedModel):
+    """Streams one chunk, then holds the rest of the stream until ``gate`` is set (running_stack
+    sets it when it stops). A request that does not ask to stream is answered at once."""
+
+    async def _held(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        request_id = request.headers.get("x-request-id", "")
+        if not body.get("stream"):
+            self.finished.append(request_id)
+            return web.json_response({"ok": True})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: first\n\n")
+        assert self.gate is not None
+        await self.gate.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        self.finished.append(request_id)
+        return response
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._held)
+        return app
+
+
+def held_stream() -> HeldStream:
+    model = HeldStream()
+    model.gate = asyncio.Event()
+    return model
+
+
+async def test_late_critical_burst_goes_first(store_url: str | None) -> None:
     # Scale: a few requests per workload in a 60 s window -> maxRequestRate 1 req/s; waits of a
     # second or two -> maxWaitTimeSeconds 10.
     model = gated()
-    async with running_stack(config(max_wait_s=10, max_rate=1), model) as stack:
+    async with running_stack(config(max_wait_s=10, max_rate=1), model, store_url) as stack:
         tasks = [asyncio.create_task(call(stack, f"block-{i}", "blocker", 3)) for i in range(3)]
         await eventually(lambda: len(model.arrivals) == 3)
         for crit, workload in [(1, "batch"), (3, "normal")]:
@@ -94,46 +151,55 @@ async def test_late_critical_burst_goes_first() -> None:
     assert model.peak <= 3
 
 
-async def test_steady_workload_interleaves_ahead_of_a_burst() -> None:
+async def test_steady_workload_interleaves_ahead_of_a_burst(store_url: str | None) -> None:
     # Scale: the burst (24 in a 60 s window, 0.4 req/s) exceeds maxRequestRate 0.3 req/s, the
-    # steady workload (one request per 300 ms, at most ~0.15 req/s here) stays below it; the run
-    # lasts a few seconds -> maxWaitTimeSeconds 60.
-    model = SimulatedModel(latency_s=LATENCY)
-    async with running_stack(config(max_wait_s=60, max_rate=0.3), model) as stack:
-        burst = [asyncio.create_task(call(stack, f"burst-{i}", "burst", 3)) for i in range(24)]
-        await queued(stack, 21)
-        steady = []
-        for i in range(6):
-            steady.append(asyncio.create_task(call(stack, f"steady-{i}", "steady", 3)))
-            await asyncio.sleep(0.3)  # the steady workload's pace, not synchronisation
+    # steady workload (6 requests in the window, 0.1 req/s) stays below it; waits are
+    # milliseconds against maxWaitTimeSeconds 60, so the rate term decides.
+    model = SimulatedModel(latency_s=0)
+    permits = Permits(model)
+    async with running_stack(config(max_wait_s=60, max_rate=0.3), model, store_url) as stack:
+        try:
+            burst = [asyncio.create_task(call(stack, f"burst-{i}", "burst", 3)) for i in range(24)]
+            await queued(stack, 21)
+            steady = []
+            for i in range(6):
+                steady.append(asyncio.create_task(call(stack, f"steady-{i}", "steady", 3)))
+                await queued(stack, 22)
+                # One slot frees: the steady request, queued last, goes before 21 burst ones.
+                permits.grant()
+                await arrived(model, 4 + i)
+                assert arrivals(model)[-1] == f"steady-{i}"
+        finally:
+            permits.grant(30)
         results = await asyncio.gather(*burst, *steady)
     assert all(r["status"] == 200 for r in results)
-    order = arrivals(model)
-    # Every steady request reached the upstream while burst requests were still queued ahead of it.
-    last_burst = max(i for i, n in enumerate(order) if n.startswith("burst"))
-    assert all(order.index(f"steady-{i}") < last_burst for i in range(6))
     burst_waits = sorted(r["wait_ms"] for r in results if r["name"].startswith("burst"))
     steady_waits = [r["wait_ms"] for r in results if r["name"].startswith("steady")]
-    # Each steady request waited at most about one service time; half the burst waited longer
-    # than the slowest steady request.
+    # Each steady request waited for one slot; the queued burst requests waited through all six.
     assert max(steady_waits) < burst_waits[len(burst_waits) // 2]
     assert model.peak <= 3
 
 
-async def test_high_average_wait_overtakes_higher_criticality() -> None:
-    # Scale: "hist" first waits ~1.5 s, so its average wait is ~1.5 s -> maxWaitTimeSeconds 1.5;
-    # a few requests per minute -> maxRequestRate 10 req/s (the rate term stays negligible).
+async def test_high_average_wait_overtakes_higher_criticality(store_url: str | None) -> None:
+    # Scale: "hist" first waits at least HISTORY_S, so its average wait is at least that ->
+    # maxWaitTimeSeconds HISTORY_S, where the wait term is capped (a slower machine only waits
+    # longer: the order below does not depend on its speed); a few requests per minute ->
+    # maxRequestRate 10 req/s (the rate term stays negligible).
     model = gated()
-    async with running_stack(config(max_wait_s=1.5, max_rate=10), model) as stack:
+    cfg = config(max_wait_s=HISTORY_S, max_rate=10)
+    async with running_stack(cfg, model, store_url) as stack:
         blockers = [asyncio.create_task(call(stack, f"block-{i}", "blocker", 3)) for i in range(3)]
         await eventually(lambda: len(model.arrivals) == 3)
         history = [asyncio.create_task(call(stack, f"old-{i}", "hist", 3)) for i in range(3)]
         await queued(stack, 3)
-        await asyncio.sleep(1.5)  # the wait that becomes hist's history
+        # A duration, not synchronisation: the wait that becomes hist's history.
+        await asyncio.sleep(HISTORY_S)
         assert model.gate is not None
         model.gate.set()
         first = await asyncio.gather(*blockers, *history)
-        assert min(r["wait_ms"] for r in first if r["name"].startswith("old")) >= 1500
+        assert min(r["wait_ms"] for r in first if r["name"].startswith("old")) >= HISTORY_S * 1000
+        hist = next(w for w in (await stack.state())["workloads"] if w["workload_id"] == "hist")
+        assert hist["avg_wait_s"] >= HISTORY_S
 
         model.gate = asyncio.Event()
         start = len(model.arrivals)
@@ -149,9 +215,9 @@ async def test_high_average_wait_overtakes_higher_criticality() -> None:
     assert order == ["hist"] * 3 + ["fresh"] * 3
 
 
-async def test_all_requests_get_a_response_under_load() -> None:
+async def test_all_requests_get_a_response_under_load(store_url: str | None) -> None:
     model = SimulatedModel(latency_s=0.02)
-    async with running_stack(make_config(limit=3), model) as stack:
+    async with running_stack(make_config(limit=3), model, store_url) as stack:
         results = await asyncio.gather(
             *(call(stack, f"r-{i}", f"w{i % 5}", 1 + i % 5) for i in range(60))
         )
@@ -159,36 +225,42 @@ async def test_all_requests_get_a_response_under_load() -> None:
     assert model.peak <= 3
 
 
-async def test_streaming_delivers_first_chunk_before_upstream_finishes() -> None:
-    model = SimulatedModel(latency_s=0.01, token_delay_s=0.2)
-    async with running_stack(make_config(limit=2), model) as stack:
+async def test_streaming_delivers_first_chunk_before_upstream_finishes(
+    store_url: str | None,
+) -> None:
+    model = held_stream()
+    async with running_stack(make_config(limit=2), model, store_url) as stack:
         async with stack.session.post(
             f"{stack.data}/v1/chat/completions",
             json={"stream": True, "max_tokens": 5},
             headers={"x-request-id": "stream-1"},
         ) as response:
             assert response.headers["content-type"].startswith("text/event-stream")
-            first = await response.content.readuntil(b"\n\n")
-            assert first.startswith(b"data: ")
-            assert "stream-1" not in model.finished  # still generating upstream
+            # Bounded: a proxy that buffered the body would never deliver this chunk while the
+            # upstream holds the rest of the stream.
+            async with asyncio.timeout(30):
+                first = await response.content.readuntil(b"\n\n")
+            assert first == b"data: first\n\n"
+            assert "stream-1" not in model.finished  # held upstream: the chunk was not buffered
+            assert model.gate is not None
+            model.gate.set()
             rest = await response.read()
         assert rest.endswith(b"data: [DONE]\n\n")
         assert "stream-1" in model.finished
 
 
-async def test_client_disconnect_while_queued_frees_its_place() -> None:
+async def test_client_disconnect_while_queued_frees_its_place(store_url: str | None) -> None:
     model = gated()
-    async with running_stack(make_config(limit=1), model) as stack:
+    async with running_stack(make_config(limit=1), model, store_url) as stack:
         holder = asyncio.create_task(call(stack, "holder", "a", 3))
         await eventually(lambda: len(model.arrivals) == 1)
         # A client that gives up while queued: its own session, closed mid-request.
-        quitter = aiohttp.ClientSession()
-        gone = asyncio.create_task(
-            quitter.post(f"{stack.data}/v1/x", headers={"x-request-id": "gone"})
-        )
-        await queued(stack, 1)
-        gone.cancel()
-        await quitter.close()
+        async with aiohttp.ClientSession() as quitter:
+            gone = asyncio.create_task(
+                quitter.post(f"{stack.data}/v1/x", headers={"x-request-id": "gone"})
+            )
+            await queued(stack, 1)
+            gone.cancel()
         await queued(stack, 0)  # the sidecar saw the disconnect and removed the request
         nxt = asyncio.create_task(call(stack, "next", "b", 3))
         await queued(stack, 1)
@@ -202,26 +274,31 @@ async def test_client_disconnect_while_queued_frees_its_place() -> None:
     assert state["inflight"] == 0
 
 
-async def test_client_disconnect_while_streaming_releases_the_slot() -> None:
-    model = SimulatedModel(latency_s=0.01, token_delay_s=0.5)
-    async with running_stack(make_config(limit=1), model) as stack:
+async def test_client_disconnect_while_streaming_releases_the_slot(
+    store_url: str | None,
+) -> None:
+    model = held_stream()  # the stream never ends on its own
+    async with running_stack(make_config(limit=1), model, store_url) as stack:
         quitter = aiohttp.ClientSession()
-        response = await quitter.post(
-            f"{stack.data}/v1/chat/completions", json={"stream": True, "max_tokens": 20}
-        )
-        await response.content.readuntil(b"\n\n")
-        await quitter.close()  # gone mid-stream
+        try:
+            response = await quitter.post(
+                f"{stack.data}/v1/chat/completions", json={"stream": True, "max_tokens": 20}
+            )
+            await response.content.readuntil(b"\n\n")
+        finally:
+            await quitter.close()  # gone mid-stream
 
         async def released() -> bool:
             return int((await stack.state())["inflight"]) == 0
 
         await eventually(released)
         assert (await call(stack, "after", "a", 3))["status"] == 200
+        assert "after" in model.finished
 
 
-async def test_control_headers_are_stripped_upstream() -> None:
+async def test_control_headers_are_stripped_upstream(store_url: str | None) -> None:
     model = SimulatedModel(latency_s=0.0)
-    async with running_stack(make_config(limit=2), model) as stack:
+    async with running_stack(make_config(limit=2), model, store_url) as stack:
         headers = {
             "x-workload-id": "w",
             "x-workload-criticality": "4",

@@ -14,7 +14,8 @@ from sidecar.store import PoolStore
 from sidecar.store.connect import connect, mask_url
 from tests.conftest import make_config
 from tests.http_harness import eventually
-from tests.redis_proc import REDIS_SERVER, RedisProcess, free_port
+from tests.redis_proc import RedisProcess
+from tests.sentinel_proc import start_sentinel
 
 pytestmark = pytest.mark.redis
 
@@ -49,15 +50,7 @@ async def test_password_in_the_url(password_redis: RedisProcess) -> None:
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
     primary = RedisProcess().start()
-    conf = tmp_path / "sentinel.conf"
-    port = free_port()
-    conf.write_text(
-        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
-        f"sentinel monitor mymaster 127.0.0.1 {primary.port} 1\n"
-    )
-    assert REDIS_SERVER is not None
-    # A sentinel is redis-server started with --sentinel on a config file it can rewrite.
-    watcher = RedisProcess(port=port, extra=["--sentinel"]).start_with_config(conf)
+    watcher = start_sentinel(tmp_path, primary.port)
     yield primary, watcher
     watcher.kill()
     primary.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import fakeredis
 import pytest
 from redis import asyncio as aioredis
 
@@ -18,43 +19,62 @@ from tests.redis_proc import RedisProcess
 
 @pytest.mark.redis
 async def test_fast_path_is_one_script_call_each_way(redis_server: RedisProcess) -> None:
-    client, _ = connect(redis_server.url, timeout_s=5.0)
-    await client.flushall()
-    ctrl = FlowController(PoolStore(client, make_config(limit=4), "r1"))
-    await ctrl.start(loops=False)
-    request = FlowControlRequest(request_id="r", workload=WorkloadContext("w", 4))
-    warm = await ctrl.enqueue_and_wait(request)  # loads the scripts (NOSCRIPT -> SCRIPT LOAD)
-    await ctrl.release(warm.item_id)
-
+    client, inbox = connect(redis_server.url, timeout_s=5.0)
     # MONITOR shows every command a client sends (commands run inside scripts show as "lua").
     watcher = aioredis.from_url(redis_server.url)
-    monitoring = asyncio.Event()
-    seen: list[str] = []
+    try:
+        await client.flushall()
+        ctrl = FlowController(PoolStore(client, make_config(limit=4), "r1", inbox_client=inbox))
+        await ctrl.start(loops=False)
+        request = FlowControlRequest(request_id="r", workload=WorkloadContext("w", 4))
+        warm = await ctrl.enqueue_and_wait(request)  # loads the scripts (NOSCRIPT -> SCRIPT LOAD)
+        await ctrl.release(warm.item_id)
 
-    async def watch() -> None:
-        async with watcher.monitor() as monitor:
-            monitoring.set()
-            async for cmd in monitor.listen():
-                if cmd["command"] == "ECHO end-of-test":
-                    return
-                if cmd["client_type"] != "lua":
-                    seen.append(cmd["command"].split()[0].upper())
+        monitoring = asyncio.Event()
+        seen: list[str] = []
 
-    watching = asyncio.create_task(watch())
-    await monitoring.wait()
-    admission = await ctrl.enqueue_and_wait(request)
-    assert admission.admitted
-    assert await ctrl.release(admission.item_id)
-    await client.echo("end-of-test")
-    await watching
-    assert seen == ["EVALSHA", "EVALSHA"]
-    await watcher.aclose()
-    await client.aclose()
+        async def watch() -> None:
+            async with watcher.monitor() as monitor:
+                monitoring.set()
+                async for cmd in monitor.listen():
+                    if cmd["command"] == "ECHO end-of-test":
+                        return
+                    if cmd["client_type"] != "lua":
+                        seen.append(cmd["command"].split()[0].upper())
+
+        watching = asyncio.create_task(watch())
+        await monitoring.wait()
+        admission = await ctrl.enqueue_and_wait(request)
+        assert admission.admitted
+        assert await ctrl.release(admission.item_id)
+        await client.echo("end-of-test")
+        await watching
+        assert seen == ["EVALSHA", "EVALSHA"]
+        await ctrl.stop()
+    finally:
+        await watcher.aclose()
+        await client.aclose()
+        await inbox.aclose()
 
 
-async def test_backend_fixture_is_used(backend: Backend) -> None:
-    """The same admission works on both backends (guards the matrix itself)."""
-    ctrl = FlowController(backend.store(make_config(limit=1)))
+async def test_backend_fixture_is_used(backend: Backend, request: pytest.FixtureRequest) -> None:
+    """Each parameter of the matrix really is its backend, and the same admission works on both."""
+    store = backend.store(make_config(limit=1))
+    assert backend.name == request.node.callspec.params["backend"]
+    if backend.name == "redis":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        assert not isinstance(store.client, fakeredis.FakeAsyncRedis)
+        info = await store.client.info("server")
+        # The client talks to the redis-server process this session started, not to anything else.
+        assert server.proc is not None and info["process_id"] == server.proc.pid
+        assert info["tcp_port"] == server.port
+        assert len(info["run_id"]) == 40
+    else:
+        assert backend.name == "fake"
+        assert isinstance(store.client, fakeredis.FakeAsyncRedis)
+        assert isinstance(store.inbox_client, fakeredis.FakeAsyncRedis)
+    ctrl = FlowController(store)
     await ctrl.start(loops=False)
     admission = await ctrl.enqueue_and_wait(FlowControlRequest(request_id="r"))
     assert admission.admitted and await ctrl.release(admission.item_id)
+    await ctrl.stop()

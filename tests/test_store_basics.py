@@ -194,19 +194,19 @@ async def test_dead_replica_slots_and_queue_are_reclaimed(backend: Backend) -> N
     cfg = make_config(limit=1)
     dead, alive = backend.store(cfg, "dead"), backend.store(cfg, "alive")
     await dead.configure(now=0)
-    assert not await dead.heartbeat(1000, now=0)
-    assert not await alive.heartbeat(1000, now=0)
+    assert not (await dead.heartbeat(1000, now=0)).known
+    assert not (await alive.heartbeat(1000, now=0)).known
     held = await enq(dead, 10)
     await enq(dead, 20)  # queued on the dead replica: its client is gone with it
     mine = await enq(alive, 30)
-    assert await alive.heartbeat(1000, now=900)
+    assert (await alive.heartbeat(1000, now=900)).known
     assert await alive.maintain(100, force=True, now=999) == []  # lease not yet out
     deliveries = await alive.maintain(100, force=True, now=1001)
     assert [(d.item_id, d.status) for d in deliveries] == [(mine.item_id, ScriptStatus.DISPATCHED)]
     assert await alive.client.hget(alive.key("inflight"), held.item_id) is None
     assert await alive.client.zscore(alive.key("replicas"), "dead") is None
     # The reclaimed replica comes back: it learns it was forgotten.
-    assert not await dead.heartbeat(1000, now=1100)
+    assert not (await dead.heartbeat(1000, now=1100)).known
 
 
 async def test_ticket_leases_expire_unless_renewed(backend: Backend) -> None:

@@ -9,7 +9,7 @@
 
   Records ('|'-separated; ids are escaped by the caller and never contain '|'):
     queued item   owner|band|flow|workload|criticality|bytes|enqueued_ms|deadline_ms|lease_ms
-    in-flight     owner|workload
+    in-flight     owner|workload|dispatched_ms
   Times are milliseconds relative to the pool's epoch (cfg.epoch), read from Redis TIME.
 ]]
 local rcall = redis.call
@@ -46,8 +46,11 @@ end
 local CFG = {}
 local function load_cfg()
   local v = rcall('HMGET', K_CFG, 'epoch', 'limit', 'maxReq', 'maxBytes', 'win', 'alpha', 'idle',
-    'maxTracked')
+    'maxTracked', 'hold')
   if not v[1] then return false end
+  -- After the pool's data was lost (Redis restarted empty), nothing is dispatched before this
+  -- pool time, so every live replica can re-register what it still holds first (configure.lua).
+  CFG.hold = tonumber(v[9]) or 0
   CFG.epoch, CFG.limit = tonumber(v[1]), tonumber(v[2])
   CFG.maxReq, CFG.maxBytes = tonumber(v[3]), tonumber(v[4])
   CFG.win, CFG.alpha, CFG.idle, CFG.maxTracked = tonumber(v[5]), tonumber(v[6]), tonumber(v[7]),
@@ -60,6 +63,8 @@ local function band_cfg(band)
   local b = BANDS[band]
   if b then return b end
   local raw = rcall('HGET', K_CFG, 'band:' .. band)
+  -- An unlisted negative band takes defaultNegativePriorityBand ('band:-*') when one is configured.
+  if not raw and (tonumber(band) or 0) < 0 then raw = rcall('HGET', K_CFG, 'band:-*') end
   if not raw then raw = rcall('HGET', K_CFG, 'band:*') end
   local f = split(raw)
   b = { fair = f[1], order = f[2], maxReq = tonumber(f[3]), maxBytes = tonumber(f[4]),
@@ -329,7 +334,7 @@ end
 local function dispatch_item(id, caller, now, out)
   local rec = parse_item(rcall('HGET', K_ITEMS, id))
   unqueue_item(id, rec, now)
-  rcall('HSET', K_INFLIGHT, id, rec.owner .. '|' .. rec.wid)
+  rcall('HSET', K_INFLIGHT, id, rec.owner .. '|' .. rec.wid .. '|' .. int(now))
   rcall('HINCRBY', K_STATS, 'inflight', 1)
   if rec.lease > 0 then
     -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
@@ -367,6 +372,7 @@ end
 -- Dispatches while the concurrency detector reports capacity. Capacity is checked and taken in
 -- the same atomic script, so replicas can never overshoot the global limit.
 local function dispatch_ready(caller, now, out)
+  if now < CFG.hold then return end
   local inflight = tonumber(rcall('HGET', K_STATS, 'inflight')) or 0
   while inflight < CFG.limit do
     local id = pick_next()

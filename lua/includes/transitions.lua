@@ -16,10 +16,10 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   local st = rcall('HMGET', K_STATS, 'qn', 'qbytes', 'inflight')
   local qn, qbytes, inflight = tonumber(st[1]) or 0, tonumber(st[2]) or 0, tonumber(st[3]) or 0
 
-  if qn == 0 and inflight < CFG.limit then
+  if qn == 0 and inflight < CFG.limit and now >= CFG.hold then
     -- Fast path: nothing waits, so nothing better waits; no queue structure is touched.
     local id = item_id(rcall('HINCRBY', K_STATS, 'seq', 1))
-    rcall('HSET', K_INFLIGHT, id, caller .. '|' .. wid)
+    rcall('HSET', K_INFLIGHT, id, caller .. '|' .. wid .. '|' .. int(now))
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('HINCRBY', wkey(wid), 'active', 1)
     -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.

@@ -1,14 +1,21 @@
-"""The admin port: /metrics, /healthz, /readyz and /state (JSON view of the pool)."""
+"""The admin port: /metrics, /healthz, /readyz and /state (JSON view of the pool).
+
+With an admin token configured, /state requires ``Authorization: Bearer <token>``: it names
+workloads and replicas. Probes and Prometheus scrapes stay open (they carry no such detail).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.config import Config
 from sidecar.http.keys import SERVICE
 from sidecar.metrics import Metrics
 from sidecar.state import PoolState, read_state
@@ -45,38 +52,42 @@ async def state(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(snapshot), content_type="application/json")
 
 
-def export_pool_gauges(metrics: Metrics, snapshot: PoolState) -> None:
-    pool = metrics.pool
-    metrics.saturation.labels(pool).set(snapshot.saturation)
-    metrics.inflight.labels(pool).set(snapshot.inflight)
-    metrics.queue_size.clear()
-    metrics.queue_bytes.clear()
-    for band in snapshot.bands:
-        metrics.queue_bytes.labels(str(band.priority), pool).set(band.queued_bytes)
-        for flow in band.flows:
-            label = metrics.flow_label(flow.flow)
-            metrics.queue_size.labels(label, str(band.priority), pool).inc(flow.queued)
-    for gauge in (metrics.workload_rate, metrics.workload_wait, metrics.workload_active):
-        gauge.clear()
-    for w in snapshot.workloads:
-        label = metrics.workload_label(w.workload_id)
-        metrics.workload_rate.labels(label, pool).inc(w.request_rate)
-        metrics.workload_wait.labels(label, pool).set(w.avg_wait_s)
-        metrics.workload_active.labels(label, pool).inc(w.active)
+def export_pool_gauges(metrics: Metrics, snapshot: PoolState, config: Config | None = None) -> None:
+    """The pool-wide gauges, llm-d's names and their deprecated twins (sidecar/metrics.py).
+    Without ``config`` the capacity-utilisation ratios (which divide by its caps) are left out."""
+    metrics.export_pool(snapshot, config)
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     try:
-        export_pool_gauges(service.metrics, await read_state(service.controller.store))
+        snapshot = await read_state(service.controller.store)
+        export_pool_gauges(service.metrics, snapshot, service.config)
     except Exception as exc:  # a scrape still returns the per-replica series
         log.debug("pool gauges unavailable: %s", exc)
     body = generate_latest(service.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def add_routes(app: web.Application) -> None:
+def bearer_required(token: bytes, handler: Handler) -> Handler:
+    """``handler`` behind ``Authorization: Bearer <token>``, compared in constant time."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        offered = given.strip().encode("utf-8", "replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(offered, token):
+            return web.Response(
+                status=401,
+                text="admin token required\n",
+                headers={"WWW-Authenticate": 'Bearer realm="admission-sidecar"'},
+            )
+        return await handler(request)
+
+    return guarded
+
+
+def add_routes(app: web.Application, token: bytes | None = None) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/state", state)
+    app.router.add_get("/state", state if token is None else bearer_required(token, state))
     app.router.add_get("/metrics", metrics_handler)

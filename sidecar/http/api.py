@@ -7,6 +7,8 @@ unless released or renewed. Routes (all under PREFIX, so they cannot clash with 
                 200 {"ticket", "outcome", "wait_ms", "lease_ms"} or the outcome's status
   POST release  {"ticket": "..."} -> 200 {"released": bool}
   POST renew    {"ticket": "...", "lease": "30s"} -> 200 {"renewed": true} | 404
+                both: 403 bad_ticket (not signed for this pool, sidecar/tickets.py), 503
+                store_unavailable (nothing decided; a release is retried by the replica)
   ANY  check[/<original path>]  Envoy ext_authz (HTTP service) and nginx auth_request:
                 200 + x-admission-ticket when admitted; otherwise the outcome's status, or
                 the status named by the x-admission-deny-status request header (nginx: 401/403)
@@ -20,20 +22,28 @@ from aiohttp import web
 from sidecar.controller import Admission
 from sidecar.http.classifying import classify_request
 from sidecar.http.keys import SERVICE
+from sidecar.http.limits import BodyTooLarge, read_capped, too_large
 from sidecar.http.outcomes import (
     FAIL_OPEN,
     OUTCOME_HEADER,
+    STORE_UNAVAILABLE,
     TICKET_HEADER,
     WAIT_HEADER,
     outcome_response,
     refusal,
+    unavailable,
 )
 from sidecar.outcome import Outcome
-from sidecar.service import PASS_THROUGH, AdmissionService
+from sidecar.service import PASS_THROUGH, AdmissionService, TicketResult
+from sidecar.tickets import TicketSigner
 from sidecar.units import parse_duration
 
 PREFIX = "/admission/v1"
 DENY_STATUS_HEADER = "x-admission-deny-status"
+BAD_TICKET = "bad_ticket"
+# The API's JSON bodies are a few dozen bytes; server.maxRequestBody is for proxied bodies.
+API_BODY_LIMIT = 64 * 1024
+TICKETS = web.AppKey("tickets", TicketSigner)
 
 
 class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,7 +70,12 @@ def _bad_request(message: str) -> web.Response:
 async def _decode(
     request: web.Request, type_: type[msgspec.Struct]
 ) -> msgspec.Struct | web.Response:
-    raw = await request.read()
+    if (request.content_length or 0) > API_BODY_LIMIT:
+        return too_large(API_BODY_LIMIT)
+    try:
+        raw = await read_capped(request, API_BODY_LIMIT)  # also caps chunked bodies
+    except BodyTooLarge as exc:
+        return too_large(exc.limit)
     try:
         return msgspec.json.decode(raw or b"{}", type=type_)
     except msgspec.DecodeError as exc:
@@ -106,7 +121,8 @@ async def admit(request: web.Request) -> web.Response:
     assert isinstance(decision, Admission)
     if not decision.admitted:
         return outcome_response(decision.outcome, f"request {decision.outcome.value}")
-    return _json(Ticket(decision.item_id, decision.outcome.value, decision.wait_ms, lease_ms))
+    ticket = request.app[TICKETS].issue(decision.item_id)
+    return _json(Ticket(ticket, decision.outcome.value, decision.wait_ms, lease_ms))
 
 
 class Released(msgspec.Struct):
@@ -117,25 +133,52 @@ class Renewed(msgspec.Struct):
     renewed: bool
 
 
-async def release(request: web.Request) -> web.Response:
+async def _ticket_body(request: web.Request) -> tuple[TicketBody, str] | web.Response:
+    """The decoded body and the item id its ticket names, or the 400/403/413 to answer."""
     body = await _decode(request, TicketBody)
     if isinstance(body, web.Response):
         return body
     assert isinstance(body, TicketBody)
-    return _json(Released(await request.app[SERVICE].release(body.ticket)))
+    item_id = request.app[TICKETS].verify(body.ticket)
+    if item_id is None:
+        return refusal(
+            Outcome.REJECTED_OTHER.value,
+            BAD_TICKET,
+            403,
+            "the ticket was not issued for this pool (forged, malformed, or signed with another "
+            "secret)",
+            None,
+        )
+    return body, item_id
+
+
+def _store_unavailable(what: str) -> web.Response:
+    return unavailable(STORE_UNAVAILABLE, f"admission store unavailable: {what} not decided")
+
+
+async def release(request: web.Request) -> web.Response:
+    parsed = await _ticket_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    result = await request.app[SERVICE].release_ticket(parsed[1])
+    if result is TicketResult.UNAVAILABLE:
+        return _store_unavailable("release (this replica retries it)")
+    return _json(Released(result is TicketResult.DONE))
 
 
 async def renew(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    body = await _decode(request, TicketBody)
-    if isinstance(body, web.Response):
-        return body
-    assert isinstance(body, TicketBody)
+    parsed = await _ticket_body(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    body, item_id = parsed
     lease_ms = _lease_ms(service, body.lease)
     if isinstance(lease_ms, web.Response):
         return lease_ms
-    renewed = await service.controller.renew(body.ticket, lease_ms)
-    return _json(Renewed(renewed), 200 if renewed else 404)
+    result = await service.renew_ticket(item_id, lease_ms)
+    if result is TicketResult.UNAVAILABLE:
+        return _store_unavailable("renew")
+    return _json(Renewed(result is TicketResult.DONE), 200 if result is TicketResult.DONE else 404)
 
 
 async def check(request: web.Request) -> web.Response:
@@ -157,7 +200,7 @@ async def check(request: web.Request) -> web.Response:
         )
     headers = {
         OUTCOME_HEADER: decision.outcome.value,
-        TICKET_HEADER: decision.item_id,
+        TICKET_HEADER: request.app[TICKETS].issue(decision.item_id),
         WAIT_HEADER: str(decision.wait_ms),
     }
     return web.Response(status=200, headers=headers)
@@ -170,7 +213,8 @@ def _deny(request: web.Request, response: web.Response) -> web.Response:
     return response
 
 
-def add_routes(app: web.Application) -> None:
+def add_routes(app: web.Application, tickets: TicketSigner) -> None:
+    app[TICKETS] = tickets
     app.router.add_post(f"{PREFIX}/admit", admit)
     app.router.add_post(f"{PREFIX}/release", release)
     app.router.add_post(f"{PREFIX}/renew", renew)

@@ -16,6 +16,7 @@ from sidecar.controller import Admission, FlowController
 from sidecar.errors import StoreError
 from sidecar.http import admin, api
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
+from sidecar.http.limits import body_limit
 from sidecar.http.outcomes import refusal
 from sidecar.http.proxy import proxy
 from sidecar.metrics import Metrics
@@ -25,6 +26,7 @@ from sidecar.request import FlowControlRequest
 from sidecar.service import AdmissionService
 from sidecar.store import PoolStore
 from sidecar.store.connect import connect, embedded, mask_url
+from sidecar.tickets import TicketSigner, ticket_signer
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,10 @@ def build_service(config: Config, redis_url: str | None, replica_id: str) -> Adm
             admission.outcome, request.priority, request.fairness_id, admission.wait_ms / 1000
         )
 
-    controller = FlowController(store, on_outcome=on_outcome)
+    def on_enqueued(request: FlowControlRequest, outcome: Outcome | None, seconds: float) -> None:
+        metrics.record_enqueue(outcome, request.priority, request.fairness_id, seconds)
+
+    controller = FlowController(store, on_outcome=on_outcome, on_enqueued=on_enqueued)
     breaker = CircuitBreaker(cooldown_s=max(config.redis.timeout * 4, 0.5))
     return AdmissionService(config, controller, metrics, breaker)
 
@@ -65,10 +70,14 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-def data_app(service: AdmissionService, upstream: str | None) -> web.Application:
-    app = web.Application(client_max_size=1024**3)
+def data_app(
+    service: AdmissionService, upstream: str | None, tickets: TicketSigner | None = None
+) -> web.Application:
+    """``tickets`` None: signed with a per-process secret (sidecar/tickets.py warns)."""
+    limit = body_limit(service.config.server.max_request_body, exempt_prefix=f"{api.PREFIX}/")
+    app = web.Application(client_max_size=1024**3, middlewares=[limit])
     app[SERVICE] = service
-    api.add_routes(app)
+    api.add_routes(app, tickets or ticket_signer(None, service.config.pool))
     if upstream:
         app[UPSTREAM] = upstream.rstrip("/")
         app.cleanup_ctx.append(upstream_session)
@@ -78,10 +87,11 @@ def data_app(service: AdmissionService, upstream: str | None) -> web.Application
     return app
 
 
-def admin_app(service: AdmissionService) -> web.Application:
+def admin_app(service: AdmissionService, token: bytes | None = None) -> web.Application:
+    """``token``: the bearer token /state requires (None: open)."""
     app = web.Application()
     app[SERVICE] = service
-    admin.add_routes(app)
+    admin.add_routes(app, token)
     return app
 
 
@@ -114,11 +124,17 @@ async def log_store_facts(client: object) -> None:
 
 
 async def stop_service(service: AdmissionService) -> None:
-    await service.controller.stop(deregister=True)
     store = service.controller.store
-    await store.client.aclose()
-    if store.inbox_client is not store.client:
-        await store.inbox_client.aclose()
+    try:
+        await service.controller.stop(deregister=True)
+    finally:
+        # Closed however stopping ended (a loop that died re-raises here): an unclosed client
+        # leaves its connections open until the garbage collector finds them.
+        try:
+            await store.client.aclose()
+        finally:
+            if store.inbox_client is not store.client:
+                await store.inbox_client.aclose()
 
 
 class Server:
@@ -127,14 +143,16 @@ class Server:
     def __init__(self, options: ServeOptions) -> None:
         self.options = options
         self.service = build_service(options.config, options.redis_url, options.replica_id)
+        secret = options.ticket_secret.reveal() if options.ticket_secret else None
+        self.tickets = ticket_signer(secret, options.config.pool)
         self._runners: list[web.AppRunner] = []
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         await start_service(self.service)
         apps = [
-            (data_app(self.service, self.options.upstream), self.options.listen),
-            (admin_app(self.service), self.options.admin_listen),
+            (data_app(self.service, self.options.upstream, self.tickets), self.options.listen),
+            (admin_app(self.service, self._admin_token()), self.options.admin_listen),
         ]
         for app, (host, port) in apps:
             # handler_cancellation: a client that disconnects cancels its handler, which removes
@@ -154,6 +172,10 @@ class Server:
             self.options.upstream or "-",
             cfg.max_concurrency,
         )
+
+    def _admin_token(self) -> bytes | None:
+        token = self.options.admin_token
+        return token.reveal() if token is not None else None
 
     def request_stop(self) -> None:
         self._stop.set()

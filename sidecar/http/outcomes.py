@@ -12,6 +12,9 @@ REASON_HEADER = "x-admission-reason"
 WAIT_HEADER = "x-admission-wait-ms"
 TICKET_HEADER = "x-admission-ticket"
 STATUS_HEADER = "x-admission-status"
+# llm-d's header naming why a request was dropped, on every refusal (llm-d/llm-d-router
+# pkg/common/error/error.go: RequestDroppedReasonHeaderKey).
+DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
 # Reasons that are not outcomes of the queue itself.
 SHUTTING_DOWN = "shutting_down"
@@ -27,6 +30,24 @@ STATUS = {
 }
 RETRY_AFTER_S = {Outcome.REJECTED_CAPACITY: 1, Outcome.EVICTED_TTL: 1, Outcome.EVICTED_OTHER: 1}
 
+# llm-d's values where it has one (error.go RequestDroppedReason*, chosen as in
+# pkg/epp/requestcontrol/admission.go translateFlowControlOutcome). llm-d sends none for its
+# other and internal outcomes; we still name a reason, "rejected-" + ours, so that every refusal
+# says why.
+DROPPED_REASON = {
+    Outcome.REJECTED_CAPACITY.value: "rejected-saturated",
+    Outcome.EVICTED_TTL.value: "rejected-ttl-expired",
+    Outcome.EVICTED_CANCELLED.value: "rejected-context-cancelled",
+    SHUTTING_DOWN: "rejected-shutting-down",
+    Outcome.REJECTED_OTHER.value: "rejected-other",
+    Outcome.EVICTED_OTHER.value: "rejected-other",
+}
+
+
+def dropped_reason(reason: str) -> str:
+    """The x-llm-d-request-dropped-reason value for one of our reasons."""
+    return DROPPED_REASON.get(reason) or "rejected-" + reason.replace("_", "-")
+
 
 class Refusal(msgspec.Struct):
     outcome: str
@@ -39,7 +60,12 @@ def refusal(
 ) -> web.Response:
     # The original status travels too: gateways that must remap it (nginx auth_request only
     # passes 401/403) can restore it from this header.
-    headers = {OUTCOME_HEADER: outcome, REASON_HEADER: reason, STATUS_HEADER: str(status)}
+    headers = {
+        OUTCOME_HEADER: outcome,
+        REASON_HEADER: reason,
+        STATUS_HEADER: str(status),
+        DROPPED_REASON_HEADER: dropped_reason(reason),
+    }
     if retry_after is not None:
         headers["Retry-After"] = str(retry_after)
     body = msgspec.json.encode(Refusal(outcome, reason, message))

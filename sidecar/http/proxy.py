@@ -71,7 +71,8 @@ async def relay(
     """Forwards ``request`` to ``upstream`` and streams the answer back, both ways chunk by chunk.
 
     ``added`` headers go onto the response. Raises aiohttp.ClientError or TimeoutError when the
-    upstream fails before the response starts (the caller answers 502)."""
+    upstream fails before the response starts (the caller answers 502), UpstreamBroken when it
+    fails after (the status line is sent: the caller can only cut the client's connection)."""
     body = request.content if request.body_exists else None
     async with session.request(
         request.method,
@@ -94,10 +95,21 @@ async def relay(
             response.content_length = int(upstream_response.headers["content-length"])
         response.headers.update(added)
         await response.prepare(request)
-        async for chunk in upstream_response.content.iter_chunked(CHUNK):
-            await response.write(chunk)
+        try:
+            async for chunk in upstream_response.content.iter_chunked(CHUNK):
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamBroken(response, exc) from exc
         await response.write_eof()
     return response
+
+
+class UpstreamBroken(Exception):
+    """The upstream failed after the response to the client had started."""
+
+    def __init__(self, response: web.StreamResponse, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.response = response
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -110,10 +122,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     try:
         decision = await service.admit(classified)
     except asyncio.CancelledError:
+        # The outcome (evicted_cancelled) is counted by the request's lifecycle; only log it.
         wait = time.perf_counter() - started
-        service.metrics.record_outcome(
-            Outcome.EVICTED_CANCELLED, classified.priority, classified.fairness_id, wait
-        )
         _log(request, 499, Outcome.EVICTED_CANCELLED, int(wait * 1000), classified)
         raise
     if isinstance(decision, web.Response):
@@ -143,6 +153,14 @@ async def _forward(
     }
     try:
         response = await relay(request, request.app[SESSION], upstream, headers, added)
+    except UpstreamBroken as exc:
+        # A second response written into the body would read as a clean end: cut the connection
+        # so the client sees the stream was truncated.
+        log.warning("upstream %s failed mid-response: %s", upstream, exc)
+        _log(request, exc.response.status, "upstream_broken", wait_ms, classified)
+        if request.transport is not None:
+            request.transport.abort()
+        return exc.response
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.warning("upstream %s failed: %s", upstream, exc)
         _log(request, 502, "upstream_error", wait_ms, classified)

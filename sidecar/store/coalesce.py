@@ -7,8 +7,8 @@ its own script would, in order, atomically). An idle replica pays nothing: a lon
 the next loop turn as its ordinary script.
 
 Errors reach every caller of the failed batch as StoreError. A caller cancelled while its operation
-is on the wire does not stop the operation; callers that must undo (the flow controller) keep the
-reply by shielding the call.
+is on the wire does not stop the operation, and the replies' outcomes for other requests reach them
+through the store's sink (sidecar/store/pool.py) whatever happens to the caller.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class Coalescer:
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, op: Operation) -> Any:
+    def submit(self, op: Operation) -> asyncio.Future[Any]:
+        """Queues ``op``; the future gets its reply. Awaiting it through asyncio.shield keeps
+        the reply for the future's callbacks when the awaiting caller is cancelled."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         self._queue.append((op, future))
@@ -44,7 +46,7 @@ class Coalescer:
             self._scheduled = True
             # After the callbacks already ready in this turn: they may add to the same batch.
             loop.call_soon(self._flush)
-        return await future
+        return future
 
     def _flush(self) -> None:
         self._scheduled = False

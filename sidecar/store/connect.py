@@ -15,7 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 import fakeredis
 from redis import asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import NoBackoff
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,32 @@ INBOX_SOCKET_TIMEOUT_S = 5.0
 EMBEDDED_MAX_CONNECTIONS = 1_000_000
 
 
+# Query parameters that redis-py hands to the connection as credentials.
+_SECRET_PARAMS = frozenset({"password", "ssl_password"})
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with its credentials replaced, for logs and printed config.
+
+    Masks the password of ``user:pass@`` and ``:pass@`` (also before a sentinel's host list), a
+    lone ``name@`` (it may be a password), and password query parameters."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    params = [p.partition("=") for p in parts.query.split("&") if p]
+    if not at and not any(name.lower() in _SECRET_PARAMS for name, _, _ in params):
+        return url  # nothing to mask (urlunsplit would also turn unix:///path into unix:/path)
+    netloc = parts.netloc
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
+    query = "&".join(
+        f"{name}=***" if name.lower() in _SECRET_PARAMS else f"{name}{eq}{value}"
+        for name, eq, value in params
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any, Any]:
@@ -42,12 +63,14 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any,
     scheme = urlsplit(url).scheme
     if scheme.endswith("+cluster"):
         base = url.replace("+cluster", "", 1)
-        opts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-        cluster = RedisCluster.from_url(base, **opts)
-        cluster_inbox = RedisCluster.from_url(base, socket_timeout=INBOX_SOCKET_TIMEOUT_S)
+        # RedisCluster retries a command 10 times on a connection error or a timeout by default,
+        # after which an enqueue may have run twice; the next call re-reads the topology anyway.
+        opts = {"socket_connect_timeout": timeout_s, "retry": _no_retry()}
+        cluster = RedisCluster.from_url(base, socket_timeout=timeout_s, **opts)
+        cluster_inbox = RedisCluster.from_url(base, socket_timeout=INBOX_SOCKET_TIMEOUT_S, **opts)
         return cluster, cluster_inbox
     if scheme.endswith("+sentinel"):
-        return _sentinel(url, timeout_s)
+        return _sentinel(url, timeout_s, max_connections)
     # No automatic retries (redis-py's client default is 10): a retried enqueue could take two
     # places, and retries would stretch the bounded timeout. PoolStore retries what is idempotent.
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -64,7 +87,16 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any,
     return client, inbox
 
 
-def _sentinel(url: str, timeout_s: float) -> tuple[Any, Any]:
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def _sentinel(url: str, timeout_s: float, max_connections: int) -> tuple[Any, Any]:
+    """Clients that ask the sentinels for the primary whenever they open a connection.
+
+    After a failover redis-py's sentinel pool finds the new primary by itself: a command on a
+    connection to the old one fails (once, never retried), and the next connection asks again.
+    """
     parts = urlsplit(url)
     hosts = []
     for hostport in parts.netloc.rsplit("@", 1)[-1].split(","):
@@ -79,13 +111,35 @@ def _sentinel(url: str, timeout_s: float) -> tuple[Any, Any]:
         extra["password"] = parts.password
     if parts.username:
         extra["username"] = parts.username
-    sentinel = Sentinel(hosts, socket_timeout=timeout_s, **extra)  # type: ignore[no-untyped-call]
-    client = sentinel.master_for(service, redis_class=_SentinelManaged, socket_timeout=timeout_s)
+    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    # The sentinels' own clients would otherwise retry 10 times with back-off: one dead sentinel
+    # early in the URL would then hold every new connection for seconds (minutes if its address
+    # drops packets: each try waits the 5 s default connect timeout). Failing fast moves on to the
+    # next sentinel, and redis-py then asks the one that answered first.
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        hosts, sentinel_kwargs={**timeouts, "retry": _no_retry()}, **timeouts, **extra
+    )
+    # Commands on the primary are not retried either (as for one server, see connect()).
+    client = sentinel.master_for(
+        service,
+        redis_class=_SentinelManaged,
+        connection_pool_class=_BlockingSentinelPool,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        retry=_no_retry(),
+    )
     inbox = sentinel.master_for(
-        service, redis_class=_SentinelManaged, socket_timeout=INBOX_SOCKET_TIMEOUT_S
+        service,
+        redis_class=_SentinelManaged,
+        socket_timeout=INBOX_SOCKET_TIMEOUT_S,
+        retry=_no_retry(),
     )
     client.sentinel_group = inbox.sentinel_group = sentinel
     return client, inbox
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """Sentinel's pool, bounded and blocking like the one-server pool (connect() says why)."""
 
 
 class _SentinelManaged(aioredis.Redis):

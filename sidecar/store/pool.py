@@ -6,14 +6,16 @@ store (fakeredis with Lua): the scripts are the whole behaviour, so both run the
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from sidecar.breaker import CircuitBreaker
 from sidecar.config import Config, ResolvedBand
 from sidecar.errors import ConfigConflictError, StoreError
 from sidecar.keys import pool_prefix
@@ -29,7 +31,7 @@ INBOX_BATCH = 1000
 # Scripts whose second run changes nothing the first did not (TimeoutError is never retried: the
 # first run may still be executing).
 IDEMPOTENT_SCRIPTS = frozenset(
-    {"configure", "release", "cancel", "heartbeat", "maintain", "renew", "reregister"}
+    {"configure", "release", "cancel", "heartbeat", "maintain", "renew", "reregister", "reconcile"}
 )
 
 
@@ -89,15 +91,44 @@ def encode_config(config: Config) -> list[str]:
         "alpha": repr(float(reg.ema_alpha)),
         "idle": round(reg.idle_timeout * 1000),
         "maxTracked": reg.max_tracked,
-        "band:*": encode_band(config.band(0)),
+        "band:*": encode_band(config.template_band(0)),
     }
+    # Unlisted negative bands: lua/includes/common.lua band_cfg falls back from band:-* to band:*.
+    if fc.default_negative_priority_band is not None:
+        pairs["band:-*"] = encode_band(config.template_band(-1))
     for priority, band in config.bands.items():
         pairs[f"band:{priority}"] = encode_band(band)
     return [str(x) for kv in pairs.items() for x in kv]
 
 
+class Beat(NamedTuple):
+    """A heartbeat's answer: whether the pool knew the replica, the pool's epoch, and whether
+    the pool's count of the replica's items differs from the replica's own (reconcile)."""
+
+    known: bool
+    epoch: int
+    differs: bool = False
+
+
+class Reconciled(NamedTuple):
+    released: int
+    readded: int
+    dropped: int
+    missing: list[str]
+
+
+LostHook = Callable[[int | None], Awaitable[None]]
+Sink = Callable[[list[Delivery]], None]
+
+
 class PoolStore:
-    """One pool's state, shared by every replica through its scripts. Times are absolute ms."""
+    """One pool's state, shared by every replica through its scripts. Times are absolute ms.
+
+    Every reply that reports outcomes of this replica's items hands them to ``sink`` at the moment
+    it is parsed, in the task that made the call (for coalesced calls, the batch's own task), so
+    no caller's cancellation can lose a dispatch meant for another request. Every call runs
+    inside the circuit breaker's ``guard``, so the breaker judges store calls, not queue waits.
+    """
 
     def __init__(
         self,
@@ -108,6 +139,7 @@ class PoolStore:
         inbox_client: Any = None,
         timer: Callable[[str], AbstractContextManager[None]] | None = None,
         coalesce: bool = True,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         # Wraps every script call (metrics: latency and errors per script).
         self._timer = timer or (lambda _name: nullcontext())
@@ -118,22 +150,33 @@ class PoolStore:
         self.config = config
         self.replica_id = replica_id
         self.prefix = pool_prefix(config.pool)
+        self.breaker = breaker
         self._keys = [self.prefix]
         self._scripts = load_scripts(client)
         self._config_args = encode_config(config)
+        # Where outcomes of this replica's items go (the flow controller sets it).
+        self.sink: Sink = lambda _deliveries: None
+        # Runs when a script finds the pool unconfigured (Redis lost its data): the controller
+        # re-registers what it holds before the call is retried. Default: just configure.
+        self.on_lost: LostHook = self._configure_only
         # Calls with an explicit time (tests) go one by one; real-time calls are coalesced.
         self._coalescer = Coalescer(self._send_batch) if coalesce else None
 
     def key(self, suffix: str) -> str:
         return self.prefix + suffix
 
+    async def _configure_only(self, now: int | None) -> None:
+        await self.configure(now)
+
     async def _run(self, name: str, args: Sequence[object]) -> list[Any]:
         script = self._scripts[name]
-        try:
-            with self._timer(name):
-                return await self._run_once(script, name, args)
-        except RedisError as exc:
-            raise StoreError(f"{name}: {exc}") from exc
+        guard = self.breaker.guard() if self.breaker is not None else nullcontext()
+        with guard:
+            try:
+                with self._timer(name):
+                    return await self._run_once(script, name, args)
+            except RedisError as exc:
+                raise StoreError(f"{name}: {exc}") from exc
 
     async def _run_once(self, script: Any, name: str, args: Sequence[object]) -> list[Any]:
         try:
@@ -147,29 +190,51 @@ class PoolStore:
         return result
 
     async def _call(self, name: str, now: int | None, *args: object) -> list[Any]:
-        """Runs a script; if the pool has no configuration (Redis restarted empty), writes it
-        and retries."""
+        """Runs a script; if the pool has no configuration (Redis lost its data), runs the
+        recovery hook (configure, re-register) and retries once."""
         stamp = "" if now is None else str(now)
         raw = await self._run(name, [stamp, *args])
-        if raw and not isinstance(raw[0], list) and int(raw[0]) == ScriptStatus.NO_CONFIG:
-            log.warning(
-                "pool %s has no configuration in Redis (restarted?); writing it", self.config.pool
-            )
-            await self.configure(now)
+        if _no_config(raw):
+            log.warning("pool %s has no configuration in Redis (restarted?)", self.config.pool)
+            await self.on_lost(now)
             raw = await self._run(name, [stamp, *args])
+            if _no_config(raw):
+                raise StoreError(f"{name}: the pool lost its configuration again")
         return raw
 
-    async def configure(self, now: int | None = None) -> bool:
-        """Writes this replica's configuration; True if the pool was fresh."""
-        raw = await self._run("configure", ["" if now is None else str(now), *self._config_args])
+    async def call_direct(self, name: str, now: int | None, *args: object) -> list[Any]:
+        """A script call that does not run the recovery hook (the hook's own calls)."""
+        raw = await self._run(name, ["" if now is None else str(now), *args])
+        if _no_config(raw):
+            raise StoreError(f"{name}: the pool has no configuration")
+        return raw
+
+    def _reply(self, raw: Sequence[Any]) -> ScriptReply:
+        reply = _parse_reply(raw)
+        if reply.deliveries:
+            self.sink(reply.deliveries)
+        return reply
+
+    async def configure(self, now: int | None = None, *, recovering: bool = False) -> bool:
+        """Writes this replica's configuration; True if the pool was fresh.
+
+        ``recovering``: this replica saw the pool before, so a fresh pool means Redis lost its
+        data, and the new pool holds dispatch for ``redis.recoveryHold`` while live replicas
+        re-register. A replica that never saw the pool cannot tell a lost pool from a new one."""
+        hold_ms = round(self.config.redis.recovery_hold_s * 1000) if recovering else 0
+        args = ["" if now is None else str(now), *self._config_args, "recover", str(hold_ms)]
+        raw = await self._run("configure", args)
         if int(raw[0]) == _CONFLICT:
             raise ConfigConflictError(
                 f"band {_text(raw[1])} has queued requests under a different fairness or ordering "
                 "policy; drain it before changing its policies"
             )
+        self.epoch = int(raw[1])
         return int(raw[0]) == 1
 
-    async def enqueue(
+    epoch = 0  # the pool's epoch as last seen by configure or heartbeat
+
+    def submit_enqueue(
         self,
         *,
         band: int,
@@ -180,39 +245,82 @@ class PoolStore:
         ttl_ms: int,
         lease_ms: int = 0,
         now: int | None = None,
-    ) -> ScriptReply:
-        """Flow and workload must already be escaped (sidecar.keys.escape_id)."""
+        direct: bool = False,
+    ) -> asyncio.Future[ScriptReply]:
+        """Starts an enqueue; the future is owned by the store, not the caller, so cancelling
+        whoever awaits it does not stop the call or lose its reply. Flow and workload must
+        already be escaped (sidecar.keys.escape_id). ``direct`` skips coalescing and the
+        recovery hook (recovery's own re-enqueues)."""
         args = [str(x) for x in (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms)]
+        if self._coalescer is not None and now is None and not direct:
+            return self._coalescer.submit(("e", args))
+        call = self.call_direct if direct else self._call
+        return asyncio.ensure_future(self._single("enqueue", call, now, args))
+
+    def submit_release(self, item_id: str, now: int | None = None) -> asyncio.Future[ScriptReply]:
+        """Starts a release (idempotent); the future is the store's, as for submit_enqueue."""
         if self._coalescer is not None and now is None:
-            reply: ScriptReply = await self._coalescer.submit(("e", args))
-            return reply
-        return _parse_reply(await self._call("enqueue", now, self.replica_id, *args))
+            return self._coalescer.submit(("r", [item_id]))
+        return asyncio.ensure_future(self._single("release", self._call, now, [item_id]))
+
+    async def _single(
+        self, name: str, call: Callable[..., Awaitable[list[Any]]], now: int | None, args: list[str]
+    ) -> ScriptReply:
+        return self._reply(await call(name, now, self.replica_id, *args))
+
+    async def enqueue(self, **kwargs: Any) -> ScriptReply:
+        """submit_enqueue, awaited; the call completes even if the caller is cancelled."""
+        return await asyncio.shield(self.submit_enqueue(**kwargs))
 
     async def release(self, item_id: str, now: int | None = None) -> ScriptReply:
-        if self._coalescer is not None and now is None:
-            reply: ScriptReply = await self._coalescer.submit(("r", [item_id]))
-            return reply
-        return _parse_reply(await self._call("release", now, self.replica_id, item_id))
+        return await asyncio.shield(self.submit_release(item_id, now))
 
     async def _send_batch(self, ops: Sequence[Operation]) -> list[ScriptReply]:
         """One round trip for coalesced operations (a lone one goes as its own script)."""
         if len(ops) == 1:
             ((kind, args),) = ops
             name = "enqueue" if kind == "e" else "release"
-            return [_parse_reply(await self._call(name, None, self.replica_id, *args))]
+            return [self._reply(await self._call(name, None, self.replica_id, *args))]
         flat = [x for kind, args in ops for x in (kind, *args)]
         raw = await self._call("batch", None, self.replica_id, *flat)
-        return [_parse_reply(r) for r in raw]
+        return [self._reply(r) for r in raw]
 
     async def cancel(
         self, item_id: str, reason: ScriptStatus, now: int | None = None
     ) -> ScriptReply:
-        return _parse_reply(await self._call("cancel", now, self.replica_id, item_id, int(reason)))
+        """Takes a queued item out; runs to the end even if the caller is cancelled."""
+        call = self._call("cancel", now, self.replica_id, item_id, int(reason))
+        return self._reply(await asyncio.shield(asyncio.ensure_future(call)))
 
-    async def heartbeat(self, lease_ms: int, now: int | None = None) -> bool:
-        """Renews this replica's lease; False if Redis did not know it (re-register holdings)."""
-        raw = await self._call("heartbeat", now, self.replica_id, lease_ms)
-        return int(raw[0]) == 1
+    async def heartbeat(
+        self, lease_ms: int, now: int | None = None, *, owned: int | None = None
+    ) -> Beat:
+        """Renews this replica's lease. ``known`` False: the pool did not know the replica (its
+        first beat, its lease ran out, or the pool is new: compare ``epoch``). ``owned``: how
+        many items the replica knows it owns, compared with the pool's count."""
+        count = "" if owned is None else str(owned)
+        raw = await self._call("heartbeat", now, self.replica_id, lease_ms, count)
+        beat = Beat(int(raw[0]) == 1, int(raw[1]), len(raw) > 2 and int(raw[2]) == 1)
+        self.epoch = beat.epoch
+        return beat
+
+    async def reconcile(
+        self,
+        held: Sequence[tuple[str, str]],
+        queued: Sequence[str],
+        grace_ms: int,
+        now: int | None = None,
+    ) -> Reconciled:
+        """Makes the pool's record of this replica's items match ``held`` (item id, escaped
+        workload id) and ``queued`` (item ids); see lua/reconcile.lua."""
+        flat = [x for pair in held for x in pair]
+        raw = await self._call(
+            "reconcile", now, self.replica_id, grace_ms, len(held), *flat, *queued
+        )
+        reply = self._reply(raw)
+        released, readded, dropped = (int(x) for x in reply.item_id.split("|"))
+        missing = [m for m in reply.detail.split(",") if m]
+        return Reconciled(released, readded, dropped, missing)
 
     async def maintain(
         self, interval_ms: int, budget: int = 500, *, force: bool = False, now: int | None = None
@@ -220,16 +328,23 @@ class PoolStore:
         raw = await self._call(
             "maintain", now, self.replica_id, interval_ms, budget, "1" if force else "0"
         )
-        return [Delivery.parse(r) for r in raw[3:]]
+        deliveries = [Delivery.parse(r) for r in raw[3:]]
+        if deliveries:
+            self.sink(deliveries)
+        return deliveries
 
     async def renew(self, item_id: str, lease_ms: int, now: int | None = None) -> bool:
         raw = await self._call("renew", now, item_id, lease_ms)
         return int(raw[0]) == 1
 
-    async def reregister(self, held: Sequence[tuple[str, str]], now: int | None = None) -> int:
-        """Puts back in-flight slots this replica holds: (item id, escaped workload id) pairs."""
-        flat = [x for pair in held for x in pair]
-        raw = await self._call("reregister", now, self.replica_id, *flat)
+    async def reregister(
+        self, held: Sequence[tuple[str, str, int]], now: int | None = None, *, direct: bool = False
+    ) -> int:
+        """Puts back slots this replica holds: (item id, escaped workload id, lease ms) triples,
+        lease 0 for its own slots, the remaining lease for tickets it issued."""
+        flat = [str(x) for triple in held for x in triple]
+        call = self.call_direct if direct else self._call
+        raw = await call("reregister", now, self.replica_id, *flat)
         return int(raw[0])
 
     async def pool_time(self, now: int | None = None) -> int:
@@ -255,4 +370,10 @@ class PoolStore:
             raise StoreError(f"inbox: {exc}") from exc
         if popped is None:
             return []
+        # Not through the sink: the controller checks its lease before using wake-ups that may
+        # have waited in its socket while it was paused.
         return [Delivery.parse(raw) for raw in popped[1]]
+
+
+def _no_config(raw: Sequence[Any]) -> bool:
+    return bool(raw) and not isinstance(raw[0], list) and int(raw[0]) == ScriptStatus.NO_CONFIG

@@ -22,6 +22,7 @@ SCRIPT_NAMES = (
     "maintain",
     "renew",
     "reregister",
+    "reconcile",
     "batch",
 )
 

@@ -65,6 +65,11 @@ class Options:
         return self.clients or int(self.max_concurrency * 2.5)
 
     @property
+    def long_s(self) -> tuple[float, float]:
+        """Long generations outlast a lease: they still run when a paused replica's lapses."""
+        return (self.lease_timeout + 1.0, self.lease_timeout + 3.0)
+
+    @property
     def margin_s(self) -> float:
         return self.lease_timeout + RECOVERY_MARGIN_S
 
@@ -133,7 +138,7 @@ async def run(o: Options) -> tuple[Summary, Path]:
             FaultRunner(redis, replicas, gens, o.lease_timeout, POOL).run(faults, load_start)
         )
         load = asyncio.create_task(
-            run_load([r.url for r in replicas], o.client_count, until, gens, o.seed)
+            run_load([r.url for r in replicas], o.client_count, until, gens, o.seed, o.long_s)
         )
         samples: list[tuple[float, int, int]] = []
         sampler = asyncio.create_task(sample_pool(redis.url, samples))

@@ -34,6 +34,8 @@ BUSY_SHARE = 0.9  # mean busy slots under saturation must reach this share of ma
 # milliseconds; these bounds leave room for a loaded two-core machine, no more.
 GAP_P99_LIMIT_S = 0.25
 GAP_MAX_LIMIT_S = 1.0
+# A request answered this long after Redis answered again should not meet a dead connection.
+LATE_503_S = 2.0
 WAKE_BOUND_S = 1.0  # a woken replica's stale requests must end this soon after SIGCONT
 # A request sent this long before SIGSTOP was surely read (and enqueued) by the replica.
 ACCEPTED_BEFORE_S = 0.1
@@ -106,6 +108,8 @@ class Summary(msgspec.Struct):
     faults: list[FaultFigures]
     drain_s: float | None = None  # load stopped → Redis shows 0 in flight, 0 queued
     refused: int = 0  # connections refused (a killed replica), retried on another
+    # 503 store_unavailable answered while Redis had been up for LATE_503_S or longer
+    late_store_unavailable: int = 0
     all_refused: int = 0  # requests every replica refused at once
     violations: list[str] = msgspec.field(default_factory=list)
 
@@ -356,6 +360,14 @@ def judge(data: RunData, load_start: float) -> Summary:
         faults=figures,
     )
     violations += _slot_violations(summary)
+    restarts = [(f.at, f.end + LATE_503_S) for f in done if f.kind == "redis"]
+    summary.late_store_unavailable = sum(
+        1
+        for c in data.clients
+        if c.status == 503
+        and c.reason == "store_unavailable"
+        and not any(a <= c.done <= b for a, b in restarts)
+    )
     violations += _stretch_violations(clean, slots, data, load_start)
     summary.violations = violations
     return summary

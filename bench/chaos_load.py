@@ -24,6 +24,9 @@ GIVE_UP_S = (0.8, 2.0)  # clients that give up wait this long at most
 TTL_S = (0.3, 2.0)  # short queue TTLs (x-gateway-inference-ttl) on a share of the requests
 TTL_SHARE = 0.3
 STREAM_SHARE = 0.5
+# Long generations (a service time beyond leaseTimeout, asked of the upstream in the body): the
+# only requests that can still run at the upstream when a paused replica's lease lapses.
+LONG_SHARE = 0.02
 BACKOFF_S = 0.05  # after a fast refusal (503, every replica refusing), so no client spins
 DRAIN_S = 15.0  # requests still unanswered this long after the load stops are cut
 
@@ -41,6 +44,7 @@ class ClientRecord:
     outcome: str = ""  # x-admission-outcome ("" when the response had none)
     reason: str = ""  # x-admission-reason
     stream: bool = False
+    service_ms: int = 0  # asked of the upstream; 0: its usual 100-300 ms
     body_ok: bool = True  # a 200's body was whole (JSON decoded, SSE ended with [DONE])
     error: str = ""
 
@@ -75,8 +79,10 @@ class Client:
         gens: Generations,
         stats: LoadStats,
         rng: random.Random,
+        long_s: tuple[float, float],
     ) -> None:
         self.n, self.urls, self.gens, self.stats, self.rng = n, urls, gens, stats, rng
+        self.long_s = long_s
         self.keep_alive = n % 2 == 0
         self.gives_up = n % 4 == 3
         # The kill count of each replica when this client last finished a request on it: a
@@ -105,12 +111,16 @@ class Client:
         """One request, retried on the next replica while refused; False after a fast refusal."""
         first = self.rng.randrange(len(self.urls))
         stream = self.rng.random() < STREAM_SHARE
+        long = self.rng.random() < LONG_SHARE
+        service_ms = int(self.rng.uniform(*self.long_s) * 1000) if long else 0
         timeout = self.rng.uniform(*GIVE_UP_S) if self.gives_up else PATIENT_TIMEOUT_S
         self.seq += 1
         for attempt in range(len(self.urls)):
             replica = (first + attempt) % len(self.urls)
             rid = f"r{replica}.c{self.n}.n{self.seq}.a{attempt}"
-            record = ClientRecord(rid, replica, time.monotonic(), stream=stream)
+            record = ClientRecord(
+                rid, replica, time.monotonic(), stream=stream, service_ms=service_ms
+            )
             gen, paused = self.gens.kills[replica], self.gens.pauses[replica]
             try:
                 await self._send(session, record, timeout)
@@ -147,8 +157,10 @@ class Client:
     async def _send(
         self, session: aiohttp.ClientSession, record: ClientRecord, give_up_s: float
     ) -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        body["stream"] = record.stream  # type: ignore[assignment]
+        body: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        body["stream"] = record.stream
+        if record.service_ms:
+            body["service_ms"] = record.service_ms
         async with session.post(
             self.urls[record.replica] + "/v1/chat/completions",
             json=body,
@@ -180,11 +192,16 @@ async def run_load(
     until: float,
     gens: Generations,
     seed: int,
+    long_s: tuple[float, float],
 ) -> LoadStats:
-    """Runs ``clients`` closed-loop clients until ``until``, then lets them finish (bounded)."""
+    """Runs ``clients`` closed-loop clients until ``until``, then lets them finish (bounded).
+
+    ``long_s`` is the service time range of the long generations."""
     stats = LoadStats()
     tasks = [
-        asyncio.create_task(Client(n, urls, gens, stats, random.Random(seed * 1000 + n)).run(until))
+        asyncio.create_task(
+            Client(n, urls, gens, stats, random.Random(seed * 1000 + n), long_s).run(until)
+        )
         for n in range(clients)
     ]
     try:

@@ -6,6 +6,7 @@ from bench.chaos_check import (
     BUSY_SHARE,
     GAP_MAX_LIMIT_S,
     GAP_P99_LIMIT_S,
+    LATE_503_S,
     WAKE_BOUND_S,
     FaultFigures,
     Summary,
@@ -14,6 +15,12 @@ from bench.chaos_check import (
 
 def _seconds(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}s"
+
+
+def _since_cont(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}s after SIGCONT" if value >= 0 else f"{-value:.2f}s before SIGCONT"
 
 
 def _fault_line(f: FaultFigures) -> str:
@@ -28,14 +35,18 @@ def _fault_line(f: FaultFigures) -> str:
         )
     if f.pause is not None:
         p = f.pause
+        over = (
+            f"overshoot {p.overshoot} (bound {p.held}), over the limit until "
+            f"{_since_cont(p.overshoot_until_s)} (bound {WAKE_BOUND_S:.0f}s after)"
+            if p.overshoot
+            else "no overshoot"
+        )
         line += (
-            f"\n             held {p.held} slots when paused; overshoot {p.overshoot} "
-            f"(bound {p.held}, until {_seconds(p.overshoot_until_s)} after SIGCONT; "
-            f"bound {WAKE_BOUND_S:.0f}s)"
-            f"\n             {p.stale} requests ran past its lease lapse (peak {p.stale_peak}), "
-            f"last ended {_seconds(p.stale_end_after_cont_s)} after SIGCONT; "
+            f"\n             held {p.held} slots when paused; {over}"
+            f"\n             {p.stale} of its requests ran past its lease lapse (peak "
+            f"{p.stale_peak}), the last until {_since_cont(p.stale_end_after_cont_s)}; "
             f"{p.late_forwards} accepted before SIGSTOP reached the upstream after the lapse, "
-            f"last ended {_seconds(p.late_forwards_end_after_cont_s)} after SIGCONT"
+            f"the last until {_since_cont(p.late_forwards_end_after_cont_s)}"
         )
     return line
 
@@ -52,6 +63,8 @@ def render(s: Summary, replicas: int, lease_s: float, seed: int) -> str:
         *(f"  {n:>6}  {label}" for label, n in s.responses.items()),
         f"  {s.refused:>6}  connection refused, retried on another replica",
         f"  {s.all_refused:>6}  refused by every replica",
+        f"  {s.late_store_unavailable:>6}  of the 503 store_unavailable came while Redis had been "
+        f"up for over {LATE_503_S:g}s (not judged)",
         "",
         f"upstream: {s.upstream_requests} requests, peak concurrency {s.upstream_peak} "
         f"(limit {s.limit}; outside pause windows over by {s.overshoot_outside_pauses})",

@@ -1,7 +1,8 @@
 """An OpenAI-like upstream that records when each request started and ended, and who sent it.
 
-It answers ``/v1/chat/completions`` after a service time drawn from ``service_s`` (as JSON, or as
-an SSE stream of chunks when the body says ``"stream": true``). Like vLLM, it stops working on a
+It answers ``/v1/chat/completions`` after a service time drawn from ``service_s``, or the body's
+``service_ms`` (a long generation), as JSON, or as an SSE stream of chunks when the body says
+``"stream": true``. Like vLLM, it stops working on a
 request whose connection dropped and counts it as ended then: the handler is cancelled
 (``handler_cancellation``) and the end is recorded in ``finally``.
 
@@ -33,6 +34,7 @@ class UpstreamRecord:
 
 class ChatBody(msgspec.Struct):
     stream: bool = False
+    service_ms: int = 0  # the load generator asks for long generations this way
 
 
 def replica_of(request_id: str) -> int:
@@ -74,7 +76,7 @@ class RecordingUpstream:
         self.records.append(record)
         self.running += 1
         self.peak = max(self.peak, self.running)
-        service = self.random.uniform(*self.service_s)
+        service = body.service_ms / 1000 or self.random.uniform(*self.service_s)
         try:
             if not body.stream:
                 await asyncio.sleep(service)

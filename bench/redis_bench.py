@@ -42,6 +42,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench.report import Row, markdown_table
 from sidecar.config import Config, load_config
+from sidecar.contract import DELIVERY
 from sidecar.controller import Admission, FlowController
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
@@ -734,7 +735,7 @@ class LoadDriver:
         # enqueue queued.
         if any(len(r) != 4 for r in released) or any(int(r[0]) != 0 for r in enqueued):
             raise BenchError(f"{self.spec.kind}: not one dispatch per release: {released[:3]}")
-        self.held = [bytes(r[3]).split(b"|")[0] for r in released]
+        self.held = [DELIVERY.parse(bytes(r[3]).decode())["id"].encode() for r in released]
 
 
 def stream_specs(url: str, kind: str, worker: int, streams: int, batch: int) -> list[LoadSpec]:

@@ -12,7 +12,6 @@
   Output:
     { reply, reply, ... } one per operation, each as its script returns it; or { -1 } no config.
 ]]
--- @include common
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
 local now, caller = clock(ARGV[1]), ARGV[2]

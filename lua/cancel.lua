@@ -14,7 +14,7 @@
     (evicted or reclaimed before); -1 no config. Then 'id|status|wait_ms' for the caller's items
     dispatched by a release here.
 ]]
--- @include common
+-- @include dispatch
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local caller, id, reason = ARGV[2], ARGV[3], tonumber(ARGV[4])

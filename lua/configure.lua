@@ -16,7 +16,7 @@
     { 1, epoch } fresh pool, { 0, epoch } updated, { -2, band } refused: that band has queued items and the new
     configuration changes its fairness or ordering policy (its queue structures would be orphaned).
 ]]
--- @include common
+-- @include config
 local abs
 if ARGV[1] ~= '' then
   abs = tonumber(ARGV[1])
@@ -27,18 +27,16 @@ end
 local new = {}
 for i = 2, #ARGV - 1, 2 do new[ARGV[i]] = ARGV[i + 1] end
 
-local function policies(raw)
-  local f = split(raw)
-  return f[1] .. '|' .. f[2]
-end
 local old = rcall('HMGET', K_CFG, 'epoch', 'hold')
 local epoch, hold = old[1], old[2] or '0'
 local fresh = not epoch
 if not fresh then
   for _, band in ipairs(rcall('ZRANGE', K_BANDS, 0, -1)) do
     local old = band_cfg(band)
-    local now_raw = new['band:' .. band] or new['band:*']
-    if old.fair .. '|' .. old.order ~= policies(now_raw) then return { -2, band } end
+    -- An unlisted negative band follows the negative template when there is one (as band_cfg).
+    local template = (tonumber(band) or 0) < 0 and new[CFG_BAND_NEGATIVE] or nil
+    local now_cfg = parse_band(new[CFG_BAND .. band] or template or new[CFG_BAND_DEFAULT])
+    if old.fair ~= now_cfg.fair or old.order ~= now_cfg.order then return { S_CONFLICT, band } end
   end
 else
   epoch = int(abs)

@@ -19,7 +19,6 @@
     2 rejected_capacity, -1 no config; each following 'id|status|wait_ms' is another item of the
     caller that reached an outcome in this call.
 ]]
--- @include common
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
 return op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),

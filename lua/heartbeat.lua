@@ -16,14 +16,14 @@
     epoch is a new pool: re-register; the same one means the lease ran out and what the replica
     held was reclaimed: stop using it); differs 1 when the owned counts disagree. { -1 } no config.
 ]]
--- @include common
+-- @include config
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica = ARGV[2]
 local known = rcall('ZSCORE', K_REPLICAS, replica)
 rcall('ZADD', K_REPLICAS, int(now + tonumber(ARGV[3])), replica)
 local differs = 0
-if ARGV[4] and ARGV[4] ~= '' and rcall('SCARD', P .. 'own:' .. replica) ~= tonumber(ARGV[4]) then
+if ARGV[4] and ARGV[4] ~= '' and rcall('SCARD', K_OWN .. replica) ~= tonumber(ARGV[4]) then
   differs = 1
 end
 if known then return { 1, int(CFG.epoch), differs } end

@@ -14,7 +14,7 @@
     { 1, evicted, reclaimed, outcome... } when the work ran, { 0, 0, 0 } when skipped, { -1 } no config;
     each outcome 'id|status|wait_ms' is an item of the caller dispatched or evicted here.
 ]]
--- @include common
+-- @include dispatch
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local caller, interval, budget = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -41,13 +41,13 @@ end
 -- Replicas that stopped heartbeating: their clients were connected to them, so queued items go
 -- and in-flight slots come back. Bounded per call; the rest is picked up on the next tick.
 for _, replica in ipairs(rcall('ZRANGEBYSCORE', K_REPLICAS, '-inf', int(now), 'LIMIT', 0, 10)) do
-  local own = P .. 'own:' .. replica
+  local own = K_OWN .. replica
   for _, id in ipairs(rcall('SPOP', own, budget)) do
     if drop_queued(id, now) or release_item(id, now) then reclaimed = reclaimed + 1 end
   end
   if rcall('SCARD', own) == 0 then
     rcall('ZREM', K_REPLICAS, replica)
-    rcall('DEL', P .. 'inbox:' .. replica)
+    rcall('DEL', K_INBOX .. replica)
   end
 end
 
@@ -57,7 +57,7 @@ for _, wid in ipairs(rcall('ZRANGEBYSCORE', K_WORKLOADS, '-inf', idle_before, 'L
   if (tonumber(rcall('HGET', wkey(wid), 'active')) or 0) > 0 then
     rcall('ZADD', K_WORKLOADS, int(now), wid)
   else
-    rcall('DEL', wkey(wid), P .. 'wlanes:' .. wid)
+    rcall('DEL', wkey(wid), K_WLANES .. wid)
     rcall('ZREM', K_WORKLOADS, wid)
   end
 end

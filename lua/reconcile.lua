@@ -18,11 +18,11 @@
     missing = ','-joined queued ids the pool lost (the replica re-queues them); then
     'id|status|wait_ms' for the caller's items dispatched by the releases. { -1 } no config.
 ]]
--- @include common
+-- @include dispatch
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, grace = ARGV[2], tonumber(ARGV[3])
-local own = P .. 'own:' .. replica
+local own = K_OWN .. replica
 local held, queued, i = {}, {}, 5
 for _ = 1, tonumber(ARGV[4]) do
   held[ARGV[i]] = ARGV[i + 1]
@@ -38,7 +38,7 @@ for _, id in ipairs(rcall('SMEMBERS', own)) do
   if not held[id] and not queued[id] then
     local raw = rcall('HGET', K_INFLIGHT, id)
     if raw then
-      if now - (tonumber(split(raw)[3]) or 0) >= grace then
+      if now - (parse_inflight(raw).since or 0) >= grace then
         release_item(id, now)
         released = released + 1
       end
@@ -67,7 +67,7 @@ for id, wid in pairs(held) do
       wid = track(wid, now)
       rcall('HINCRBY', wkey(wid), 'active', 1)
     end
-    rcall('HSET', K_INFLIGHT, id, replica .. '|' .. wid .. '|' .. int(now))
+    rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('SADD', own, id)
     readded = readded + 1
@@ -83,4 +83,5 @@ end
 
 local out = {}
 if released > 0 or dropped > 0 then dispatch_ready(replica, now, out) end
-return reply(1, released .. '|' .. readded .. '|' .. dropped, table.concat(missing, ','), out)
+return reply(1, encode_reconciled(released, readded, dropped), table.concat(missing, ID_LIST_SEP),
+  out)

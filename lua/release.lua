@@ -9,7 +9,6 @@
     { status, item id, '', outcome... }: status 1 released, 7 not in flight (already released or
     reclaimed), -1 no config; then 'id|status|wait_ms' for each item of the caller dispatched here.
 ]]
--- @include common
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
 return op_release(clock(ARGV[1]), ARGV[2], ARGV[3])

@@ -8,7 +8,7 @@
   Output:
     { 1 } renewed, { 7 } not in flight (released or expired), { -1 } no config.
 ]]
--- @include common
+-- @include config
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 if rcall('HEXISTS', K_INFLIGHT, ARGV[2]) == 0 then return { S_NOT_FOUND } end

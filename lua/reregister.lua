@@ -12,7 +12,7 @@
   Output:
     { number of slots added }, or { -1 } no config.
 ]]
--- @include common
+-- @include registry
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, added = ARGV[2], 0
@@ -20,12 +20,12 @@ for i = 3, #ARGV - 2, 3 do
   local id, wid, lease = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if rcall('HEXISTS', K_INFLIGHT, id) == 0 then
     wid = track(wid, now)
-    rcall('HSET', K_INFLIGHT, id, replica .. '|' .. wid .. '|' .. int(now))
+    rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('HINCRBY', wkey(wid), 'active', 1)
     added = added + 1
     if lease > 0 then rcall('ZADD', K_LEASES, int(now + lease), id) end
   end
-  if lease == 0 then rcall('SADD', P .. 'own:' .. replica, id) end
+  if lease == 0 then rcall('SADD', K_OWN .. replica, id) end
 end
 return { added }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from sidecar.contract import ScriptStatus
+
 
 class Outcome(enum.StrEnum):
     """Our words for outcomes (DESIGN §2); llm-d's metric label for each is ``LLM_D_OUTCOME``."""
@@ -32,20 +34,8 @@ LLM_D_OUTCOME: dict[Outcome, str] = {
 LLM_D_NOT_YET_FINALIZED = "NotYetFinalized"
 
 
-class ScriptStatus(enum.IntEnum):
-    """First element of every script reply; mirrored in lua/includes/common.lua (S_* locals)."""
-
-    QUEUED = 0
-    DISPATCHED = 1
-    REJECTED_CAPACITY = 2
-    EVICTED_TTL = 3
-    EVICTED_CANCELLED = 4
-    EVICTED_OTHER = 5
-    REJECTED_OTHER = 6
-    # Idempotent no-op: the item was not found where the caller expected it.
-    NOT_FOUND = 7
-    # Errors: the pool's configuration is missing (Redis restarted empty) -> configure and retry.
-    NO_CONFIG = -1
+# The status codes the Lua scripts return are part of the Python <-> Lua contract, kept there.
+__all__ = ["LLM_D_NOT_YET_FINALIZED", "LLM_D_OUTCOME", "STATUS_OUTCOME", "Outcome", "ScriptStatus"]
 
 
 STATUS_OUTCOME: dict[int, Outcome] = {

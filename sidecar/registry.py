@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from sidecar.keys import escape_id
+from sidecar import contract
+from sidecar.contract import escape_id
 from sidecar.policies.base import WorkloadView
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def window_rate(
     """Requests per second over a sliding window, estimated from two fixed buckets.
 
     The previous bucket counts in proportion to how much of it still lies inside the window. Twin of
-    ``rate_from`` in lua/includes/common.lua: same operations in the same order, same doubles.
+    ``rate_from`` in lua/includes/registry.lua: same operations in the same order, same doubles.
     """
     if bucket is None:
         return 0.0
@@ -61,22 +62,25 @@ def _int(value: Any, default: int = 0) -> int:
     return default if value is None else int(value)
 
 
+# The workload counters' fields (sidecar/contract.py WORKLOAD_FIELDS): bucket index, its count,
+# the previous bucket's count, EMA of waits, dispatches, active.
+METRIC_FIELDS = contract.WORKLOAD_FIELDS
+
+
 def metrics_from_hash(
     workload_id: str, fields: list[Any], now_ms: int, window_ms: int
 ) -> WorkloadMetrics:
-    """``fields`` = HMGET of bi, c, p, ema, n, active."""
-    bucket = None if fields[0] is None else int(fields[0])
-    dispatched = _int(fields[4])
+    """``fields`` = HMGET of METRIC_FIELDS, in that order."""
+    f = dict(zip(METRIC_FIELDS, fields, strict=True))
+    bucket = None if f["bi"] is None else int(f["bi"])
+    dispatched = _int(f["n"])
     return WorkloadMetrics(
         workload_id=workload_id,
-        request_rate=window_rate(bucket, _int(fields[1]), _int(fields[2]), now_ms, window_ms),
-        avg_wait_s=float(fields[3]) if dispatched > 0 else 0.0,
+        request_rate=window_rate(bucket, _int(f["c"]), _int(f["p"]), now_ms, window_ms),
+        avg_wait_s=float(f["ema"]) if dispatched > 0 else 0.0,
         dispatched=dispatched,
-        active=max(_int(fields[5]), 0),
+        active=max(_int(f["active"]), 0),
     )
-
-
-METRIC_FIELDS = ("bi", "c", "p", "ema", "n", "active")
 
 
 class WorkloadRegistry:
@@ -92,7 +96,7 @@ class WorkloadRegistry:
         """Metrics as of ``now_ms`` (absolute; default Redis TIME); None if unknown or anonymous."""
         if not workload_id:
             return None
-        key = self._store.key("w:" + escape_id(workload_id))
+        key = self._store.key(contract.workload_key(escape_id(workload_id)))
         fields = await self._store.client.hmget(key, *METRIC_FIELDS)
         if all(f is None for f in fields):
             return None

@@ -87,13 +87,9 @@ class AdmissionService:
         return unavailable(STORE_UNAVAILABLE, "admission store unavailable (failureMode: closed)")
 
     async def release(self, item_id: str) -> bool:
-        try:
-            return await self.controller.release(item_id)
-        except StoreError as exc:
-            # The controller keeps the id and retries on its next heartbeat.
-            log.warning("release of %s deferred: %s", item_id, exc)
-            self._store_failed()
-            return False
+        """Frees a slot; False if it was free already or the store failed (then the controller
+        keeps the id and retries on its next heartbeat)."""
+        return await self.release_ticket(item_id) is TicketResult.DONE
 
     @contextlib.asynccontextmanager
     async def holding(self, admission: Admission | None) -> AsyncIterator[None]:

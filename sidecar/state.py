@@ -7,11 +7,12 @@ pool-wide gauges. Reads only; bounded by ``limit`` per list so a huge pool stays
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
 
 import msgspec
 
-from sidecar.policies import WorkloadAwareOrdering
+from sidecar import contract
+from sidecar.contract import unescape_id
+from sidecar.policies import RoundRobinFairness, WorkloadAwareOrdering
 from sidecar.registry import METRIC_FIELDS, metrics_from_hash
 from sidecar.store.pool import PoolStore
 
@@ -82,21 +83,21 @@ def _text(value: Any) -> str:
 async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = None) -> PoolState:
     client, cfg = store.client, store.config
     rel_now = await store.pool_time(now)
-    stats = await client.hgetall(store.key("stats"))
+    stats = await client.hgetall(store.key(contract.STATS))
     stats = {_text(k): v for k, v in stats.items()}
-    cfg_limit = _int(await client.hget(store.key("cfg"), "limit")) or cfg.max_concurrency
+    cfg_limit = _int(await client.hget(store.key(contract.CFG), "limit")) or cfg.max_concurrency
     inflight = _int(stats.get("inflight"))
     bands = [
         await _band(store, int(_text(b)), limit)
-        for b in await client.zrevrange(store.key("bands"), 0, -1)
+        for b in await client.zrevrange(store.key(contract.BANDS), 0, -1)
     ]
     window_ms = round(cfg.workload_registry.request_rate_window * 1000)
     default_policy = cfg.band(0).ordering
     workloads = []
-    for wid in await client.zrevrange(store.key("workloads"), 0, limit - 1):
+    for wid in await client.zrevrange(store.key(contract.WORKLOADS), 0, limit - 1):
         name = _text(wid)
-        fields = await client.hmget(store.key("w:" + name), *METRIC_FIELDS)
-        m = metrics_from_hash(unquote(name), fields, rel_now, window_ms)
+        fields = await client.hmget(store.key(contract.workload_key(name)), *METRIC_FIELDS)
+        m = metrics_from_hash(unescape_id(name), fields, rel_now, window_ms)
         score = (
             default_policy.score(3, m.view())
             if isinstance(default_policy, WorkloadAwareOrdering)
@@ -108,8 +109,9 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
             )
         )
     replicas = []
-    for rid, expiry in await client.zrange(store.key("replicas"), 0, limit - 1, withscores=True):
-        owned = await client.scard(store.key("own:" + _text(rid)))
+    replica_set = store.key(contract.REPLICAS)
+    for rid, expiry in await client.zrange(replica_set, 0, limit - 1, withscores=True):
+        owned = await client.scard(store.key(contract.own_key(_text(rid))))
         replicas.append(ReplicaState(_text(rid), int(expiry) - rel_now, owned))
     return PoolState(
         pool=cfg.pool,
@@ -121,30 +123,35 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
         bands=bands,
         workloads=workloads,
         replicas=replicas,
-        anonymous_active=max(_int(await client.hget(store.key("anon"), "active")), 0),
+        anonymous_active=max(_int(await client.hget(store.key(contract.ANON), "active")), 0),
     )
 
 
 async def _band(store: PoolStore, priority: int, limit: int) -> BandState:
     client = store.client
     band = store.config.band(priority)
-    counts = await client.hgetall(store.key(f"band:{priority}"))
+    counts = await client.hgetall(store.key(contract.band_key(priority)))
     counts = {_text(k): v for k, v in counts.items()}
-    flows = []
-    for key, n in (await client.hgetall(store.key("flowlen"))).items():
-        band_part, _, flow = _text(key).partition("|")
-        if band_part == str(priority):
-            flows.append(FlowState(unquote(flow), int(n)))
-    flows.sort(key=lambda f: f.flow)
+    # Keys hold escaped flow ids; only what is shown is unescaped.
+    escaped_flows: list[tuple[str, int]] = []
+    for key, n in (await client.hgetall(store.key(contract.FLOWLEN))).items():
+        flow = contract.FLOW.parse(_text(key))
+        if flow["band"] == str(priority):
+            escaped_flows.append((flow["flow"], int(n)))
+    flows = sorted(
+        (FlowState(unescape_id(flow), n) for flow, n in escaped_flows), key=lambda f: f.flow
+    )
     ranksets = (
-        [store.key(f"rank:{priority}:{f.flow}") for f in flows]
-        if band.fairness.lua_code == "rr"
-        else [store.key(f"rank:{priority}")]
+        [store.key(contract.rank_key(priority, flow)) for flow, _ in escaped_flows]
+        if isinstance(band.fairness, RoundRobinFairness)
+        else [store.key(contract.rank_key(priority))]
     )
     lanes = []
     for rankset in ranksets:
         for member, key in await client.zrange(rankset, 0, limit - 1, withscores=True):
-            lanes.append(_lane(_text(member), float(key), band.ordering.lua_code == "wa"))
+            lanes.append(
+                _lane(_text(member), float(key), isinstance(band.ordering, WorkloadAwareOrdering))
+            )
     lanes.sort(key=lambda lane: lane.rank_key)
     return BandState(
         priority=priority,
@@ -158,11 +165,17 @@ async def _band(store: PoolStore, priority: int, limit: int) -> BandState:
 
 
 def _lane(member: str, key: float, workload_aware: bool) -> LaneState:
-    head, lane = member[:16], member[16:]
-    parts = lane.split("|")
-    workload = unquote(parts[2]) if len(parts) > 2 else ""
-    criticality = int(parts[3]) if len(parts) > 3 else 0
+    head, lane = contract.split_rank_member(member)
+    parts = contract.LANE_ID.parse(lane)
+    workload = unescape_id(parts.get("wid", ""))
+    criticality = int(parts.get("crit", 0))
     # A workload-aware rank key is minus the score (plus the static aging offset).
     return LaneState(
-        lane, unquote(parts[1]), workload, criticality, head, key, -key if workload_aware else None
+        lane,
+        unescape_id(parts["flow"]),
+        workload,
+        criticality,
+        head,
+        key,
+        -key if workload_aware else None,
     )

@@ -1,51 +1,122 @@
-"""An in-memory model of one pool, built from the Python reference policies and registry math.
+"""An in-memory model of one pool: the admission contract written once more, in plain Python.
 
-It mirrors what the Lua scripts decide (strict bands, fairness, ordering, registry counters) with
-nothing from Redis, so a test can run the same operations on both and compare dispatch orders.
+It decides what the Lua scripts decide (strict bands, fairness, lane ordering, queue caps, TTL
+eviction, leases, dead-replica reclaim, the recovery hold, registry counters) from the reference
+policies (sidecar/policies/) and registry math (sidecar/registry.py), with nothing from Redis, so
+a test can run one history on both and compare every reply.
+
+Staleness is modelled as DESIGN.md §4 allows it: a lane's rank key is the head's sort key
+computed at the last event that changed it, namely the lane getting a new head, its workload's
+counters changing (a request counted, a dispatch's wait recorded) or a maintenance tick. Between
+those events a workload's request rate decays while its lanes keep their old keys, exactly as in
+the sorted sets. Times are ms relative to the pool's epoch; item ids are the scripts' ids.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from sidecar.config import Config
-from sidecar.policies import RoundRobinFairness, WorkloadAwareOrdering
+from sidecar.config import Config, ResolvedBand
+from sidecar.outcome import ScriptStatus
+from sidecar.policies import EdfOrdering, RoundRobinFairness, WorkloadAwareOrdering
 from sidecar.policies.base import QueuedItem, WorkloadView
 from sidecar.registry import ema_update, window_rate
+
+# A lane: (band, flow) for fcfs and edf; (band, flow, workload, criticality) for workload-aware.
+LaneId = tuple[object, ...]
+# At most this many dead replicas are reclaimed per maintenance run (lua/maintain.lua).
+RECLAIM_REPLICAS = 10
+
+
+def item_id(seq: int) -> str:
+    return f"{seq:016d}"
+
+
+class Reply(NamedTuple):
+    status: int
+    item_id: str
+    detail: str
+
+
+class Event(NamedTuple):
+    """An outcome for an item, delivered to its owner (in the reply or through its inbox)."""
+
+    owner: str
+    item_id: str
+    status: int
+    wait_ms: int
+
+
+class Maintained(NamedTuple):
+    ran: bool
+    evicted: int
+    reclaimed: int
 
 
 @dataclass
 class Counters:
+    """A workload's registry entry (anonymous traffic has one too)."""
+
     bucket: int | None = None
     current: int = 0
     previous: int = 0
     ema: float | None = None
+    dispatched: int = 0
+    active: int = 0
 
 
-@dataclass
-class ModelItem:
-    item: QueuedItem
+@dataclass(frozen=True)
+class Item:
+    seq: int
+    owner: str
     band: int
+    flow: str
+    wid: str
+    crit: int
+    size: int
+    enq: int
+    deadline: int
+    lease: int
+
+    @property
+    def id(self) -> str:
+        return item_id(self.seq)
+
+
+@dataclass(frozen=True)
+class Held:
+    owner: str
+    wid: str
 
 
 @dataclass
 class PoolModel:
     config: Config
-    inflight: int = 0
+    hold: int = 0
     seq: int = 0
-    queued: list[ModelItem] = field(default_factory=list)
+    queued: dict[str, Item] = field(default_factory=dict)
+    inflight: dict[str, Held] = field(default_factory=dict)
+    leases: dict[str, int] = field(default_factory=dict)
+    own: dict[str, set[str]] = field(default_factory=dict)
+    replicas: dict[str, int] = field(default_factory=dict)
     workloads: dict[str, Counters] = field(default_factory=dict)
+    # Lane -> (rank key, head id): what the lane's ranking set entry holds.
+    rank: dict[LaneId, tuple[float, str]] = field(default_factory=dict)
     cursors: dict[int, str] = field(default_factory=dict)
+    maintenance_due: float = -math.inf
 
     @property
     def window_ms(self) -> int:
         return round(self.config.workload_registry.request_rate_window * 1000)
 
+    # Registry ------------------------------------------------------------------------------
+    def counters(self, wid: str) -> Counters:
+        return self.workloads.setdefault(wid, Counters())
+
     def _count(self, wid: str, now: int) -> None:
-        if not wid:
-            return
-        c = self.workloads.setdefault(wid, Counters())
+        c = self.counters(wid)
         idx = math.floor(now / self.window_ms)
         if c.bucket == idx:
             c.current += 1
@@ -62,67 +133,238 @@ class PoolModel:
         return WorkloadView(avg_wait_s=c.ema or 0.0, request_rate=rate)
 
     def _record_wait(self, wid: str, wait_ms: int) -> None:
-        if wid:
-            c = self.workloads[wid]
-            c.ema = ema_update(c.ema, wait_ms / 1000.0, self.config.workload_registry.ema_alpha)
+        c = self.counters(wid)
+        alpha = self.config.workload_registry.ema_alpha
+        c.ema = ema_update(c.ema if c.dispatched else None, wait_ms / 1000.0, alpha)
+        c.dispatched += 1
 
-    def enqueue(
-        self, now: int, band: int, flow: str, wid: str, crit: int, ttl: int
-    ) -> tuple[int, list[int]]:
-        """Returns (sequence number of the new item, sequence numbers dispatched by this call)."""
-        self._count(wid, now)
-        self.seq += 1
-        item = QueuedItem(seq=self.seq, enqueued_ms=now, deadline_ms=now + ttl, workload_id=wid,
-                          criticality=crit, flow=flow)  # fmt: skip
-        if not self.queued and self.inflight < self.config.max_concurrency:
-            self.inflight += 1
-            self._record_wait(wid, 0)
-            return self.seq, [self.seq]
-        self.queued.append(ModelItem(item, band))
-        return self.seq, self._dispatch_ready(now)
+    def _done(self, wid: str) -> None:
+        c = self.counters(wid)
+        c.active = max(c.active - 1, 0)
 
-    def release(self, now: int) -> list[int]:
-        self.inflight -= 1
-        return self._dispatch_ready(now)
+    # Lanes and ranking -----------------------------------------------------------------------
+    def _band(self, band: int) -> ResolvedBand:
+        return self.config.band(band)
 
-    def _dispatch_ready(self, now: int) -> list[int]:
-        out = []
-        while self.inflight < self.config.max_concurrency and self.queued:
-            chosen = self._pick(now)
-            self.queued.remove(chosen)
-            self.inflight += 1
-            self._record_wait(chosen.item.workload_id, now - chosen.item.enqueued_ms)
-            out.append(chosen.item.seq)
-        return out
+    def lane_of(self, item: Item) -> LaneId:
+        if isinstance(self._band(item.band).ordering, WorkloadAwareOrdering):
+            return (item.band, item.flow, item.wid, item.crit)
+        return (item.band, item.flow)
 
-    def _pick(self, now: int) -> ModelItem:
-        band_no = max(m.band for m in self.queued)
-        band = self.config.band(band_no)
-        candidates = [m for m in self.queued if m.band == band_no]
-        if isinstance(band.fairness, RoundRobinFairness):
-            flows = sorted({m.item.flow for m in candidates})
-            cur = self.cursors.get(band_no)
-            flow = next((f for f in flows if cur is not None and f > cur), flows[0])
-            self.cursors[band_no] = flow
-            candidates = [m for m in candidates if m.item.flow == flow]
-        policy = band.ordering
+    def _in_lane(self, item: Item) -> tuple[int, int]:
+        edf = isinstance(self._band(item.band).ordering, EdfOrdering)
+        return (item.deadline if edf else item.seq, item.seq)
 
-        def lane(m: ModelItem) -> tuple[object, ...]:
-            if isinstance(policy, WorkloadAwareOrdering):
-                return (m.item.flow, m.item.workload_id, m.item.criticality)
-            return (m.item.flow,)
+    def _head(self, lane: LaneId) -> Item | None:
+        members = [m for m in self.queued.values() if self.lane_of(m) == lane]
+        return min(members, key=self._in_lane, default=None)
 
-        def in_lane(m: ModelItem) -> tuple[float, int]:
-            edf = policy.type_name == "edf-ordering-policy"
-            return (float(m.item.deadline_ms) if edf else float(m.item.seq), m.item.seq)
+    def _key(self, head: Item, now: int) -> float:
+        policy = self._band(head.band).ordering
+        if not isinstance(policy, WorkloadAwareOrdering):
+            return float(self._in_lane(head)[0])
+        item = QueuedItem(seq=head.seq, enqueued_ms=head.enq, deadline_ms=head.deadline,
+                          workload_id=head.wid, criticality=head.crit, flow=head.flow)  # fmt: skip
+        return policy.sort_key(item, self.metrics(head.wid, now))
 
-        heads: dict[tuple[object, ...], ModelItem] = {}
-        for m in sorted(candidates, key=in_lane):
-            heads.setdefault(lane(m), m)
-        return min(
-            heads.values(),
-            key=lambda m: (
-                policy.sort_key(m.item, self.metrics(m.item.workload_id, now)),
-                m.item.seq,
-            ),
+    def _rank_lane(self, lane: LaneId, now: int) -> None:
+        head = self._head(lane)
+        if head is None:
+            self.rank.pop(lane, None)
+        else:
+            self.rank[lane] = (self._key(head, now), head.id)
+
+    def _rerank_workload(self, wid: str, now: int) -> None:
+        """Every queued workload-aware lane of ``wid`` gets its key at ``now``."""
+        for lane, (_, head) in self.rank.items():
+            if len(lane) == 4 and lane[2] == wid:
+                self.rank[lane] = (self._key(self.queued[head], now), head)
+
+    # Queue structures ------------------------------------------------------------------------
+    def _queue(self, item: Item, now: int) -> None:
+        lane = self.lane_of(item)
+        self.queued[item.id] = item
+        # Only a new lane, or an EDF lane with an earlier deadline, gets a new head.
+        if lane not in self.rank or isinstance(self._band(item.band).ordering, EdfOrdering):
+            self._rank_lane(lane, now)
+
+    def _unqueue(self, item: Item, now: int) -> None:
+        lane = self.lane_of(item)
+        del self.queued[item.id]
+        if self.rank[lane][1] == item.id:
+            self._rank_lane(lane, now)
+
+    def _release(self, iid: str) -> bool:
+        held = self.inflight.pop(iid, None)
+        if held is None:
+            return False
+        self.own.get(held.owner, set()).discard(iid)
+        self.leases.pop(iid, None)
+        self._done(held.wid)
+        return True
+
+    def _drop_queued(self, iid: str, now: int) -> Item | None:
+        item = self.queued.get(iid)
+        if item is None:
+            return None
+        self._unqueue(item, now)
+        self.own.get(item.owner, set()).discard(iid)
+        self._done(item.wid)
+        return item
+
+    def _over_caps(self, band: int, size: int) -> bool:
+        fc, b = self.config.flow_control, self._band(band)
+        in_band = [m for m in self.queued.values() if m.band == band]
+        qbytes = sum(m.size for m in self.queued.values())
+        bbytes = sum(m.size for m in in_band)
+        return (
+            (fc.max_requests > 0 and len(self.queued) >= fc.max_requests)
+            or (fc.max_bytes > 0 and qbytes + size > fc.max_bytes)
+            or (b.max_requests > 0 and len(in_band) >= b.max_requests)
+            or (b.max_bytes > 0 and bbytes + size > b.max_bytes)
         )
+
+    # Dispatch ---------------------------------------------------------------------------------
+    def _pick(self) -> str:
+        band = max(m.band for m in self.queued.values())
+        lanes = {lane: entry for lane, entry in self.rank.items() if lane[0] == band}
+        if isinstance(self._band(band).fairness, RoundRobinFairness):
+            flows = sorted({str(lane[1]) for lane in lanes})
+            cur = self.cursors.get(band)
+            flow = next((f for f in flows if cur is not None and f > cur), flows[0])
+            self.cursors[band] = flow
+            lanes = {lane: entry for lane, entry in lanes.items() if lane[1] == flow}
+        return min(lanes.values())[1]
+
+    def _dispatch_ready(self, caller: str, now: int, out: list[Event]) -> None:
+        if now < self.hold:
+            return
+        while len(self.inflight) < self.config.max_concurrency and self.queued:
+            item = self.queued[self._pick()]
+            self._unqueue(item, now)
+            self.inflight[item.id] = Held(item.owner, item.wid)
+            if item.lease > 0:
+                self.leases[item.id] = now + item.lease
+                self.own[item.owner].discard(item.id)
+            wait = max(now - item.enq, 0)
+            self._record_wait(item.wid, wait)
+            if item.wid:
+                self._rerank_workload(item.wid, now)
+            out.append(Event(item.owner, item.id, ScriptStatus.DISPATCHED, wait))
+
+    # Transitions (one per script) ---------------------------------------------------------------
+    def enqueue(self, now: int, caller: str, band: int, flow: str, wid: str, crit: int,
+                size: int, ttl: int, lease: int) -> tuple[Reply, list[Event]]:  # fmt: skip
+        # Counted before any check, so a rejected request still raises its workload's rate.
+        self._count(wid, now)
+        if wid:
+            self._rerank_workload(wid, now)
+        out: list[Event] = []
+        if (
+            not self.queued
+            and len(self.inflight) < self.config.max_concurrency
+            and now >= self.hold
+        ):
+            self.seq += 1
+            iid = item_id(self.seq)
+            self.inflight[iid] = Held(caller, wid)
+            self.counters(wid).active += 1
+            if lease > 0:
+                self.leases[iid] = now + lease
+            else:
+                self.own.setdefault(caller, set()).add(iid)
+            self._record_wait(wid, 0)
+            return Reply(ScriptStatus.DISPATCHED, iid, "0"), out
+        if self._over_caps(band, size):
+            return Reply(ScriptStatus.REJECTED_CAPACITY, "", ""), out
+        self.seq += 1
+        item = Item(self.seq, caller, band, flow, wid, crit, size, now, now + ttl, lease)
+        self._queue(item, now)
+        self.counters(wid).active += 1
+        self.own.setdefault(caller, set()).add(item.id)
+        self._dispatch_ready(caller, now, out)
+        mine = next((e for e in out if e.item_id == item.id), None)
+        if mine is None:
+            return Reply(ScriptStatus.QUEUED, item.id, ""), out
+        out.remove(mine)
+        return Reply(ScriptStatus.DISPATCHED, item.id, str(mine.wait_ms)), out
+
+    def release(self, now: int, caller: str, iid: str) -> tuple[Reply, list[Event]]:
+        out: list[Event] = []
+        if not self._release(iid):
+            return Reply(ScriptStatus.NOT_FOUND, iid, ""), out
+        self._dispatch_ready(caller, now, out)
+        return Reply(ScriptStatus.DISPATCHED, iid, ""), out
+
+    def cancel(self, now: int, caller: str, iid: str, reason: int) -> tuple[Reply, list[Event]]:
+        out: list[Event] = []
+        if self._drop_queued(iid, now) is not None:
+            return Reply(reason, iid, ""), out
+        if iid not in self.inflight:
+            return Reply(ScriptStatus.NOT_FOUND, iid, ""), out
+        if reason != ScriptStatus.EVICTED_CANCELLED:
+            return Reply(ScriptStatus.DISPATCHED, iid, ""), out
+        self._release(iid)
+        self._dispatch_ready(caller, now, out)
+        return Reply(ScriptStatus.DISPATCHED, iid, "released"), out
+
+    def heartbeat(self, now: int, replica: str, lease: int) -> bool:
+        known = replica in self.replicas
+        self.replicas[replica] = now + lease
+        return known
+
+    def renew(self, now: int, iid: str, lease: int) -> bool:
+        if iid not in self.inflight:
+            return False
+        self.leases[iid] = now + lease
+        return True
+
+    def reclaim_size(self, now: int) -> int:
+        """The most items one dead replica due now owns (its set is popped in random order, so a
+        test passes a budget at least this large to keep the run deterministic)."""
+        due = [r for r, exp in self.replicas.items() if exp <= now]
+        return max((len(self.own.get(r, ())) for r in due), default=0)
+
+    def maintain(self, now: int, caller: str, interval: int, budget: int,
+                 force: bool) -> tuple[Maintained, list[Event]]:  # fmt: skip
+        out: list[Event] = []
+        if not force and now < self.maintenance_due:
+            return Maintained(False, 0, 0), out
+        self.maintenance_due = now + interval
+        evicted = self._evict(now, budget, out)
+        reclaimed = self._free_leases(now, budget) + self._reclaim(now, caller, budget, out)
+        for wid in {str(lane[2]) for lane in self.rank if len(lane) == 4 and lane[2]}:
+            self._rerank_workload(wid, now)
+        self._dispatch_ready(caller, now, out)
+        return Maintained(True, evicted, reclaimed), out
+
+    def _evict(self, now: int, budget: int, out: list[Event]) -> int:
+        expired = sorted((m.deadline, m.id) for m in self.queued.values() if m.deadline <= now)
+        for _, iid in expired[:budget]:
+            item = self._drop_queued(iid, now)
+            assert item is not None
+            out.append(Event(item.owner, iid, ScriptStatus.EVICTED_TTL, now - item.enq))
+        return len(expired[:budget])
+
+    def _free_leases(self, now: int, budget: int) -> int:
+        expired = sorted((exp, iid) for iid, exp in self.leases.items() if exp <= now)[:budget]
+        for _, iid in expired:
+            if not self._release(iid):
+                del self.leases[iid]
+        return len(expired)
+
+    def _reclaim(self, now: int, caller: str, budget: int, out: list[Event]) -> int:
+        dead = sorted((exp, r) for r, exp in self.replicas.items() if exp <= now)
+        reclaimed = 0
+        for _, replica in dead[:RECLAIM_REPLICAS]:
+            own = self.own.get(replica, set())
+            for iid in sorted(own)[:budget]:
+                own.discard(iid)
+                if self._drop_queued(iid, now) is not None or self._release(iid):
+                    reclaimed += 1
+            if not own:
+                del self.replicas[replica]
+                # Its inbox is deleted with it: wake-ups sent to it in this call are gone.
+                if replica != caller:
+                    out[:] = [e for e in out if e.owner != replica]
+        return reclaimed

@@ -250,6 +250,9 @@ async def test_store_caps_an_unlisted_negative_band_by_the_negative_template(
     # at 2.
     assert {await enqueue(-1, 10 + i) for i in range(3)} == {ScriptStatus.QUEUED}
     assert {await enqueue(4, 20 + i) for i in range(3)} == {ScriptStatus.QUEUED}
+    # A replica restarting with the same configuration while -5 has queued requests: -5 keeps
+    # the negative template's policies, so this is no policy change.
+    assert not await store.configure(now=30)
 
 
 def load_config_raw(document: str) -> dict[str, Any]:

@@ -420,8 +420,16 @@ def test_after_the_flood_the_replica_is_alive_and_the_pool_bounded(
     try:
         keys = list(client.scan_iter(count=1000))
         tracked = client.zcard(PREFIX + b"workloads")
+        inflight, leased = client.hlen(PREFIX + b"inflight"), client.zcard(PREFIX + b"leases")
+        band_bytes = [
+            int(client.hget(k, "bytes") or 0) for k in keys if k.startswith(PREFIX + b"band:")
+        ]
     finally:
         client.close()
+    # Every slot left is a ticket with a lease (no hostile lease made one that never expires),
+    # and no declared size went negative (which would let later requests past maxBytes).
+    assert inflight == leased
+    assert all(b >= 0 for b in band_bytes)
     assert keys
     assert [k for k in keys if not k.startswith(PREFIX)] == []
     registry = [k for k in keys if k.startswith(PREFIX + b"w:")]

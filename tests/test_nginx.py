@@ -568,9 +568,10 @@ async def test_check_endpoint_status_contract(nginx_bin: str) -> None:
         assert await ask() == 429
         assert await ask(**{"x-admission-deny-status": "403"}) == 403
         assert await ask(**{"x-admission-deny-status": "401"}) == 401
-        assert await ask(**{"x-admission-deny-status": "599"}) == 599
-        # Only 4xx/5xx can be asked for; anything else leaves the outcome's own status.
-        for ignored in ("200", "302", "600", "forbidden", ""):
+        assert await ask(**{"x-admission-deny-status": "418"}) == 418
+        # Only 4xx can be asked for (a refusal never reads as the sidecar failing); anything else
+        # leaves the outcome's own status.
+        for ignored in ("200", "302", "500", "599", "600", "forbidden", ""):
             assert await ask(**{"x-admission-deny-status": ignored}) == 429
         for got in admitted:
             assert isinstance(got, CIMultiDictProxy)

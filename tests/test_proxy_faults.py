@@ -97,3 +97,22 @@ async def test_upstream_dying_mid_stream_cuts_the_client_connection(store_url: s
         ) as response:
             assert response.status == 200
             assert b"[DONE]" in await response.read()
+
+
+async def test_a_chunked_body_past_the_limit_gets_413(store_url: str | None) -> None:
+    model = SimulatedModel(latency_s=0)
+    config = make_config(limit=1, pool="chunked", server={"maxRequestBody": "1Ki"})
+    async with running_stack(config, model, redis_url=store_url) as stack:
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(8):
+                yield b"x" * 512  # no Content-Length: sent chunked, judged while forwarded
+
+        async with stack.session.post(f"{stack.data}/v1/echo", data=body()) as response:
+            assert response.status == 413
+            assert response.headers["x-admission-reason"] == "body_too_large"
+
+        async def released() -> bool:
+            return int((await stack.state())["inflight"]) == 0
+
+        await eventually(released)

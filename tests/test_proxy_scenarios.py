@@ -9,7 +9,6 @@ tests, and stated in each test. Every test runs on the embedded store and on a r
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -92,7 +91,6 @@ class Permits:
             self._semaphore.release()
 
 
-@dataclass
 class HeldStream(SimulatedModel):
     """Streams one chunk, then holds the rest of the stream until ``gate`` is set (running_stack
     sets it when it stops). A request that does not ask to stream is answered at once."""

@@ -1,8 +1,16 @@
 --[[
   The admission transitions as functions, so enqueue.lua and release.lua run one each and batch.lua
   runs several in one call (coalesced calls of concurrent requests) without a second copy.
-  Each returns the reply table its script returns. Needs: common.
+  Each returns the reply table its script returns.
+  Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease),
+  op_release(now, caller, id).
+  Needs: contract, config, registry, lanes, dispatch.
 ]]
+-- @include contract
+-- @include config
+-- @include registry
+-- @include lanes
+-- @include dispatch
 
 -- Counts the request toward its workload's rate first, even if it is then rejected, so rejection
 -- cannot be gamed. With nothing queued and a free slot it is dispatched at once; otherwise it is
@@ -19,21 +27,21 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   if qn == 0 and inflight < CFG.limit and now >= CFG.hold then
     -- Fast path: nothing waits, so nothing better waits; no queue structure is touched.
     local id = item_id(rcall('HINCRBY', K_STATS, 'seq', 1))
-    rcall('HSET', K_INFLIGHT, id, caller .. '|' .. wid .. '|' .. int(now))
+    rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now))
     rcall('HINCRBY', K_STATS, 'inflight', 1)
     rcall('HINCRBY', wkey(wid), 'active', 1)
     -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
     if lease > 0 then
       rcall('ZADD', K_LEASES, int(now + lease), id)
     else
-      rcall('SADD', P .. 'own:' .. caller, id)
+      rcall('SADD', K_OWN .. caller, id)
     end
     record_wait(wid, 0)
     return reply(S_DISPATCHED, id, '0', out)
   end
 
   local b = band_cfg(band)
-  local bs = rcall('HMGET', P .. 'band:' .. band, 'n', 'bytes')
+  local bs = rcall('HMGET', K_BAND .. band, 'n', 'bytes')
   local bn, bbytes = tonumber(bs[1]) or 0, tonumber(bs[2]) or 0
   if (CFG.maxReq > 0 and qn >= CFG.maxReq) or (CFG.maxBytes > 0 and qbytes + bytes > CFG.maxBytes)
     or (b.maxReq > 0 and bn >= b.maxReq) or (b.maxBytes > 0 and bbytes + bytes > b.maxBytes) then
@@ -41,18 +49,17 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   end
 
   local id = item_id(rcall('HINCRBY', K_STATS, 'seq', 1))
-  local raw = caller .. '|' .. band .. '|' .. flow .. '|' .. wid .. '|' .. int(crit) .. '|'
-    .. int(bytes) .. '|' .. int(now) .. '|' .. int(now + ttl) .. '|' .. int(lease)
+  local raw = encode_item(caller, band, flow, wid, crit, bytes, now, now + ttl, lease)
   queue_item(id, raw, parse_item(raw), now)
   rcall('HINCRBY', wkey(wid), 'active', 1)
-  rcall('SADD', P .. 'own:' .. caller, id)
+  rcall('SADD', K_OWN .. caller, id)
   dispatch_ready(caller, now, out)
 
-  local mine = id .. '|'
   for i, msg in ipairs(out) do
-    if string.sub(msg, 1, #mine) == mine then
+    local d = parse_delivery(msg)
+    if d.id == id then
       table.remove(out, i)
-      return reply(S_DISPATCHED, id, split(msg)[3], out)
+      return reply(S_DISPATCHED, id, int(d.wait), out)
     end
   end
   return reply(S_QUEUED, id, '', out)

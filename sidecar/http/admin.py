@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar import contract
 from sidecar.config import Config
 from sidecar.http.keys import SERVICE
 from sidecar.metrics import Metrics
@@ -35,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = service.controller.store
     try:
         async with asyncio.timeout(service.config.redis.timeout * 4):
-            configured = await store.client.hexists(store.key("cfg"), "epoch")
+            configured = await store.client.hexists(store.key(contract.CFG), "epoch")
     except Exception as exc:  # timeouts, OSError, redis-py's own hierarchy: all mean not ready
         return web.Response(status=503, text=f"store unreachable: {exc}\n")
     if not configured:

@@ -16,6 +16,9 @@ unless released or renewed. Routes (all under PREFIX, so they cannot clash with 
 
 from __future__ import annotations
 
+import math
+from typing import Annotated
+
 import msgspec
 from aiohttp import web
 
@@ -47,7 +50,8 @@ TICKETS = web.AppKey("tickets", TicketSigner)
 
 
 class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
-    bytes: int = 0
+    # Declared size of the request the caller will forward (counts toward maxBytes): never < 0.
+    bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     lease: str | float | None = None
 
 
@@ -92,7 +96,8 @@ def _lease_ms(service: AdmissionService, lease: str | float | None) -> int | web
         return _bad_request(f"lease: {exc}")
     if not 0 < seconds <= limit:
         return _bad_request(f"lease: must be > 0 and at most ticketLease ({limit:g}s)")
-    return round(seconds * 1000)
+    # At least 1 ms: a lease of 0 would make the ticket a slot of the replica, never expiring.
+    return max(1, math.ceil(seconds * 1000))
 
 
 def _json(payload: msgspec.Struct, status: int = 200) -> web.Response:
@@ -208,7 +213,8 @@ async def check(request: web.Request) -> web.Response:
 
 def _deny(request: web.Request, response: web.Response) -> web.Response:
     wanted = request.headers.get(DENY_STATUS_HEADER, "")
-    if wanted.isdigit() and 400 <= int(wanted) <= 599:
+    # 4xx only: a refusal is the client's answer, never reported as the sidecar failing.
+    if wanted.isdigit() and 400 <= int(wanted) <= 499:
         response.set_status(int(wanted))
     return response
 

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -19,6 +20,7 @@ from sidecar.classify import CONTROL_HEADERS
 from sidecar.controller import Admission
 from sidecar.http.classifying import classify_request
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
+from sidecar.http.limits import BodyTooLarge, capped, too_large
 from sidecar.http.outcomes import (
     FAIL_OPEN,
     OUTCOME_HEADER,
@@ -67,13 +69,19 @@ async def relay(
     upstream: str,
     headers: Mapping[str, str],
     added: Mapping[str, str],
+    max_body: int = 0,
 ) -> web.StreamResponse:
     """Forwards ``request`` to ``upstream`` and streams the answer back, both ways chunk by chunk.
 
     ``added`` headers go onto the response. Raises aiohttp.ClientError or TimeoutError when the
     upstream fails before the response starts (the caller answers 502), UpstreamBroken when it
     fails after (the status line is sent: the caller can only cut the client's connection)."""
-    body = request.content if request.body_exists else None
+    body: Any = None
+    if request.body_exists:
+        body = request.content
+        if max_body and request.content_length is None:
+            # A chunked body: the size middleware could not judge it up front (limits.py).
+            body = capped(request.content.iter_chunked(CHUNK), max_body)
     async with session.request(
         request.method,
         upstream + request.rel_url.path_qs,
@@ -152,7 +160,8 @@ async def _forward(
         "x-request-id": classified.request_id,
     }
     try:
-        response = await relay(request, request.app[SESSION], upstream, headers, added)
+        max_body = int(request.app[SERVICE].config.server.max_request_body)
+        response = await relay(request, request.app[SESSION], upstream, headers, added, max_body)
     except UpstreamBroken as exc:
         # A second response written into the body would read as a clean end: cut the connection
         # so the client sees the stream was truncated.
@@ -162,6 +171,9 @@ async def _forward(
             request.transport.abort()
         return exc.response
     except (aiohttp.ClientError, TimeoutError) as exc:
+        if isinstance(exc.__cause__, BodyTooLarge):
+            _log(request, 413, "body_too_large", wait_ms, classified)
+            return too_large(exc.__cause__.limit)
         log.warning("upstream %s failed: %s", upstream, exc)
         _log(request, 502, "upstream_error", wait_ms, classified)
         return refusal(outcome, "upstream_error", 502, f"upstream failed: {exc}", None)

@@ -41,7 +41,7 @@ class OrderingPolicy:
         raise NotImplementedError
 
     def lua_parameters(self) -> list[float]:
-        """Numeric parameters in the order lua/includes/ordering.lua reads them."""
+        """Numeric parameters in the order of the band record (sidecar/contract.py BAND_CONFIG)."""
         return []
 
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
+from sidecar import contract
 from sidecar.breaker import CircuitBreaker
 from sidecar.config import Config, ResolvedBand
 from sidecar.errors import ConfigConflictError, StoreError
@@ -26,7 +27,6 @@ from sidecar.store.scripts import load_scripts
 
 log = logging.getLogger(__name__)
 
-_CONFLICT = -2
 INBOX_BATCH = 1000
 # Scripts whose second run changes nothing the first did not (TimeoutError is never retried: the
 # first run may still be executing).
@@ -45,8 +45,8 @@ class Delivery(NamedTuple):
     @classmethod
     def parse(cls, raw: bytes | str) -> Delivery:
         text = raw.decode() if isinstance(raw, bytes) else raw
-        item_id, status, wait = text.split("|")
-        return cls(item_id, ScriptStatus(int(status)), int(wait))
+        f = contract.DELIVERY.parse(text)
+        return cls(f["id"], ScriptStatus(int(f["status"])), int(f["wait"]))
 
 
 class ScriptReply(NamedTuple):
@@ -68,17 +68,16 @@ def _parse_reply(raw: Sequence[Any]) -> ScriptReply:
 
 
 def encode_band(band: ResolvedBand) -> str:
-    """A band as configure.lua expects it: 'fairness|ordering|maxReq|maxBytes|<policy numbers>'."""
+    """A band as configure.lua expects it (sidecar/contract.py BAND_CONFIG)."""
     ordering = band.ordering
-    numbers = ordering.lua_parameters() if isinstance(ordering, WorkloadAwareOrdering) else [0] * 6
-    fields = [
-        band.fairness.lua_code,
-        ordering.lua_code,
-        band.max_requests,
-        band.max_bytes,
-        *numbers,
-    ]
-    return "|".join(repr(f) if isinstance(f, float) else str(f) for f in fields)
+    numbers = (
+        ordering.lua_parameters()
+        if isinstance(ordering, WorkloadAwareOrdering)
+        else [0] * contract.BAND_POLICY_NUMBERS
+    )
+    return contract.BAND_CONFIG.encode(
+        band.fairness.lua_code, ordering.lua_code, band.max_requests, band.max_bytes, *numbers
+    )
 
 
 def encode_config(config: Config) -> list[str]:
@@ -91,13 +90,14 @@ def encode_config(config: Config) -> list[str]:
         "alpha": repr(float(reg.ema_alpha)),
         "idle": round(reg.idle_timeout * 1000),
         "maxTracked": reg.max_tracked,
-        "band:*": encode_band(config.template_band(0)),
+        contract.CFG_BAND_DEFAULT: encode_band(config.template_band(0)),
     }
-    # Unlisted negative bands: lua/includes/common.lua band_cfg falls back from band:-* to band:*.
+    # Unlisted negative bands: lua/includes/config.lua band_cfg falls back from the negative
+    # template to the default one.
     if fc.default_negative_priority_band is not None:
-        pairs["band:-*"] = encode_band(config.template_band(-1))
+        pairs[contract.CFG_BAND_NEGATIVE] = encode_band(config.template_band(-1))
     for priority, band in config.bands.items():
-        pairs[f"band:{priority}"] = encode_band(band)
+        pairs[contract.CFG_BAND + str(priority)] = encode_band(band)
     return [str(x) for kv in pairs.items() for x in kv]
 
 
@@ -224,7 +224,7 @@ class PoolStore:
         hold_ms = round(self.config.redis.recovery_hold_s * 1000) if recovering else 0
         args = ["" if now is None else str(now), *self._config_args, "recover", str(hold_ms)]
         raw = await self._run("configure", args)
-        if int(raw[0]) == _CONFLICT:
+        if int(raw[0]) == ScriptStatus.CONFLICT:
             raise ConfigConflictError(
                 f"band {_text(raw[1])} has queued requests under a different fairness or ordering "
                 "policy; drain it before changing its policies"
@@ -318,8 +318,9 @@ class PoolStore:
             "reconcile", now, self.replica_id, grace_ms, len(held), *flat, *queued
         )
         reply = self._reply(raw)
-        released, readded, dropped = (int(x) for x in reply.item_id.split("|"))
-        missing = [m for m in reply.detail.split(",") if m]
+        counts = contract.RECONCILED.parse(reply.item_id)
+        released, readded, dropped = (int(counts[f]) for f in contract.RECONCILED.names())
+        missing = [m for m in reply.detail.split(contract.ID_LIST_SEP) if m]
         return Reconciled(released, readded, dropped, missing)
 
     async def maintain(
@@ -350,7 +351,7 @@ class PoolStore:
     async def pool_time(self, now: int | None = None) -> int:
         """Pool-relative ms (the scripts' clock): ``now`` or Redis TIME, minus the pool's epoch."""
         try:
-            epoch = await self.client.hget(self.key("cfg"), "epoch")
+            epoch = await self.client.hget(self.key(contract.CFG), "epoch")
             if now is None:
                 secs, micros = await self.client.time()
                 now = int(secs) * 1000 + int(micros) // 1000
@@ -360,7 +361,7 @@ class PoolStore:
 
     async def pop_inbox(self, timeout_s: float) -> list[Delivery]:
         """Blocks up to ``timeout_s`` for wake-ups; one command takes all that are waiting."""
-        key = self.key(f"inbox:{self.replica_id}")
+        key = self.key(contract.inbox_key(self.replica_id))
         try:
             # BLMPOP (Redis >= 7) blocks like BLPOP but returns up to COUNT entries at once.
             popped = await self.inbox_client.blmpop(

@@ -1,18 +1,25 @@
 """Reads the Lua scripts shipped with the package and registers each once with redis-py.
 
-A script pulls shared helpers in with a line ``-- @include <name>`` (from ``lua/includes/``).
-redis-py's Script object handles SCRIPT LOAD, EVALSHA and the NOSCRIPT fallback.
+A script or an include pulls another include in with a line ``-- @include <name>``: the loader
+puts each include's text in place of its first ``@include`` line (depth first, so what an include
+needs comes before it), drops later duplicates and refuses cycles, naming the line that closes
+one. Includes live in ``lua/includes/``, except ``contract``, which is generated from
+sidecar/contract.py. redis-py's Script object handles SCRIPT LOAD, EVALSHA and NOSCRIPT.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-_INCLUDE = re.compile(r"^-- @include (\w+)$", re.MULTILINE)
+from sidecar import contract
+
+_INCLUDE = re.compile(r"^-- @include (\w+)[ \t]*$")
+CONTRACT_INCLUDE = "contract"
 SCRIPT_NAMES = (
     "configure",
     "enqueue",
@@ -27,6 +34,10 @@ SCRIPT_NAMES = (
 )
 
 
+class IncludeError(ValueError):
+    """A missing include or an include cycle; the message names the file and line."""
+
+
 def _lua_dir() -> Path:
     packaged = resources.files("sidecar") / "lua"
     if packaged.is_dir():
@@ -35,14 +46,139 @@ def _lua_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "lua"
 
 
+def expand_includes(name: str, text: str, read_include: Callable[[str], str | None]) -> str:
+    """``text`` (the file ``name``) with its includes expanded; ``read_include`` returns an
+    include's source, or None when there is none of that name."""
+    done: set[str] = set()
+
+    def expand(unit: str, source: str, stack: tuple[str, ...]) -> str:
+        out: list[str] = []
+        for lineno, line in enumerate(source.splitlines(keepends=True), 1):
+            match = _INCLUDE.match(line.rstrip("\r\n"))
+            if match is None:
+                out.append(line)
+                continue
+            dep = match.group(1)
+            if dep in stack:
+                chain = " -> ".join((*stack, dep))
+                raise IncludeError(f"{unit}:{lineno}: include cycle {chain}: {line.strip()}")
+            if dep in done:
+                continue
+            dep_source = read_include(dep)
+            if dep_source is None:
+                raise IncludeError(f"{unit}:{lineno}: no include named {dep!r}: {line.strip()}")
+            expanded = expand(f"includes/{dep}.lua", dep_source, (*stack, dep))
+            out.append(expanded if expanded.endswith("\n") else expanded + "\n")
+            done.add(dep)
+        return "".join(out)
+
+    return expand(name, text, (name,))
+
+
+def _read_include(name: str) -> str | None:
+    if name == CONTRACT_INCLUDE:
+        return contract_lua()
+    path = _lua_dir() / "includes" / f"{name}.lua"
+    return path.read_text() if path.is_file() else None
+
+
 @cache
 def script_source(name: str) -> str:
     """A script with its includes expanded in place."""
-    root = _lua_dir()
-    text = (root / f"{name}.lua").read_text()
-    return _INCLUDE.sub(lambda m: (root / "includes" / f"{m.group(1)}.lua").read_text(), text)
+    text = (_lua_dir() / f"{name}.lua").read_text()
+    return expand_includes(f"{name}.lua", text, _read_include)
 
 
 def load_scripts(client: Any) -> dict[str, Any]:
     """Register every script on a redis-py (or fakeredis) asyncio client."""
     return {name: client.register_script(script_source(name)) for name in SCRIPT_NAMES}
+
+
+# --- The generated include --------------------------------------------------------------------
+
+_HEADER = """--[[
+  The Python <-> Lua contract, generated from sidecar/contract.py by sidecar/store/scripts.py
+  (do not write these names by hand anywhere else).
+  Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
+  codes; ID_WIDTH and item_id(seq); FAIR_<code> and ORDER_<code> policy codes; fmt and int
+  (numbers as Redis should store them); split; encode_<record>(...) and parse_<record>(raw).
+  Needs: nothing.
+]]
+local rcall = redis.call
+local P = KEYS[1]
+"""
+
+_HELPERS = """local function item_id(seq) return string.format('%%0%dd', seq) end
+local function fmt(x) return string.format('%%.17g', x) end
+-- Numbers go to Redis formatted by us: Lua prints large ones with %%.14g and -0 as '-0'.
+local function int(x) return string.format('%%d', x) end
+local function split(s)
+  local out, i = {}, 1
+  while true do
+    local j = string.find(s, %s, i, true)
+    if not j then
+      out[#out + 1] = string.sub(s, i)
+      return out
+    end
+    out[#out + 1] = string.sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+"""
+
+
+def _lua_string(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_:|*.,-]*", value):
+        raise ValueError(f"{value!r} needs quoting rules the generator does not have")
+    return f"'{value}'"
+
+
+# How the Lua side writes a field of each kind (contract.Field.kind).
+_WRITE = {"s": "%s", "i": "int(%s)", "f": "fmt(%s)"}
+
+
+def _encode_lua(record: contract.Record) -> str:
+    names = record.names()
+    sep = f" .. {_lua_string(contract.SEP)} .. "
+
+    def join(fields: tuple[contract.Field, ...]) -> str:
+        return sep.join(_WRITE[f.kind] % f.name for f in fields)
+
+    body = f"  return {join(record.fields)}\n"
+    if record.required < len(names):
+        first_optional = names[record.required]
+        short = join(record.fields[: record.required])
+        body = f"  if {first_optional} == nil then return {short} end\n" + body
+    return f"local function encode_{record.name}({', '.join(names)})\n{body}end\n"
+
+
+def _parse_lua(record: contract.Record) -> str:
+    values = ", ".join(
+        f"{f.name} = tonumber(f[{i}])" if f.kind in "if" else f"{f.name} = f[{i}]"
+        for i, f in enumerate(record.fields, 1)
+    )
+    head = f"local function parse_{record.name}(raw)\n  local f = split(raw)\n"
+    return f"{head}  return {{ {values} }}\nend\n"
+
+
+@cache
+def contract_lua() -> str:
+    """The ``contract`` include, generated from sidecar/contract.py."""
+    lines = [_HEADER]
+    lines += [f"local K_{k.name} = P .. {_lua_string(k.suffix)}\n" for k in contract.KEYS]
+    for name in (
+        "CFG_BAND",
+        "CFG_BAND_DEFAULT",
+        "CFG_BAND_NEGATIVE",
+        "RANK_FLOW_SEP",
+        "ID_LIST_SEP",
+    ):
+        lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
+    lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]
+    lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
+    lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
+    lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
+    lines.append(_HELPERS % (contract.ID_WIDTH, _lua_string(contract.SEP)))
+    for record in contract.RECORDS:
+        lines += [_encode_lua(record), _parse_lua(record)]
+    return "".join(lines)

@@ -1,0 +1,257 @@
+"""Python and Lua agree on the contract (sidecar/contract.py): the scripts name keys, status codes
+and records only through the generated include, and what they write to Redis is exactly the
+documented layout."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+
+from sidecar import contract
+from sidecar.contract import KEYS, ScriptStatus, escape_id, unescape_id
+from sidecar.policies.base import FairnessPolicy, OrderingPolicy
+from sidecar.policies.ordering import WorkloadAwareOrdering
+from sidecar.store import PoolStore
+from sidecar.store.scripts import contract_lua, expand_includes
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LUA_FILES = sorted((ROOT / "lua").rglob("*.lua"))
+# Replies whose first element is a flag, not a status (each documented in its script's header):
+# configure fresh/updated, heartbeat known/unknown, maintain ran/skipped, renew renewed,
+# reconcile ran.
+FLAG_REPLIES = {
+    ("configure", "1"),
+    ("configure", "0"),
+    ("heartbeat", "1"),
+    ("heartbeat", "0"),
+    ("maintain", "1"),
+    ("maintain", "0"),
+    ("renew", "1"),
+    ("reconcile", "1"),
+}
+
+
+def _code(path: Path) -> str:
+    """A Lua file without its comments."""
+    text = re.sub(r"--\[\[.*?\]\]", "", path.read_text(), flags=re.DOTALL)
+    return re.sub(r"--[^\n]*", "", text)
+
+
+def test_scripts_build_keys_only_from_the_contract() -> None:
+    for path in LUA_FILES:
+        code = _code(path)
+        assert re.search(r"\bP\b", code) is None, f"{path.name} builds a key from P"
+        assert "KEYS[" not in code, f"{path.name} reads KEYS itself"
+        assert "'|'" not in code, f"{path.name} writes a record by hand"
+
+
+def test_every_contract_name_the_scripts_use_is_generated() -> None:
+    generated = contract_lua()
+    for path in LUA_FILES:
+        names = set(re.findall(r"\b(?:K|S|FAIR|ORDER)_[A-Z_]+\b", _code(path)))
+        names |= set(re.findall(r"\b(?:encode|parse)_\w+(?=\()", _code(path)))
+        for name in names:
+            assert re.search(rf"^local (?:function )?{name}\b", generated, re.M), (path, name)
+
+
+def test_status_codes_in_replies_are_named() -> None:
+    literal = re.compile(r"(?:return \{ *|reply\()(-?\d+)")
+    for path in LUA_FILES:
+        for number in literal.findall(_code(path)):
+            assert (path.stem, number) in FLAG_REPLIES, f"{path.name} returns status {number}"
+
+
+def test_policy_codes_and_band_numbers_match() -> None:
+    assert {c.lua_code for c in FairnessPolicy.__subclasses__()} == set(contract.FAIRNESS_CODES)
+    assert {c.lua_code for c in OrderingPolicy.__subclasses__()} == set(contract.ORDERING_CODES)
+    assert len(WorkloadAwareOrdering().lua_parameters()) == contract.BAND_POLICY_NUMBERS
+
+
+def test_python_readers_hold_no_key_or_record_literals() -> None:
+    for rel in (
+        "sidecar/state.py",
+        "sidecar/registry.py",
+        "sidecar/status.py",
+        "sidecar/store/pool.py",
+        "sidecar/http/admin.py",
+    ):
+        text = (ROOT / rel).read_text()
+        assert re.search(r"\.key\(f?[\"']", text) is None, rel
+        assert re.search(r"[\"']\|[\"']", text) is None, rel
+        assert "[:16]" not in text and "[16:]" not in text, rel
+
+
+def test_escaping_round_trips() -> None:
+    for value in ["team/a", "host:8080", "u@x", "a+b", "k=v", "~t", "%41", "ü", "plain.id-1_2"]:
+        assert unescape_id(escape_id(value)) == value
+
+
+# --- The same records on both sides ---------------------------------------------------------
+
+
+async def _lua(body: str) -> Any:
+    client = fakeredis.FakeAsyncRedis()
+    script = expand_includes("t.lua", "-- @include contract\n" + body, lambda n: contract_lua())
+    try:
+        return await client.eval(script, 1, "as:{p}:")
+    finally:
+        await client.aclose()
+
+
+async def test_lua_writes_records_python_reads() -> None:
+    raw = await _lua("return encode_item('r1', '-2', 'f%2F', 'w', 5, 10, 7, 8, 0)")
+    assert contract.ITEM.parse(raw.decode()) == {
+        "owner": "r1",
+        "band": "-2",
+        "flow": "f%2F",
+        "wid": "w",
+        "crit": "5",
+        "bytes": "10",
+        "enq": "7",
+        "deadline": "8",
+        "lease": "0",
+    }
+    lane = await _lua("return { encode_lane('1', 'f'), encode_lane('1', 'f', 'w', 3) }")
+    assert [contract.LANE_ID.parse(x.decode()) for x in lane] == [
+        {"band": "1", "flow": "f"},
+        {"band": "1", "flow": "f", "wid": "w", "crit": "3"},
+    ]
+    assert (await _lua("return item_id(42)")).decode() == contract.item_id(42)
+    assert await _lua("return ID_WIDTH") == contract.ID_WIDTH == len(contract.item_id(1))
+    delivery = await _lua("return encode_delivery('0000000000000001', S_EVICTED_TTL, 12)")
+    assert contract.DELIVERY.parse(delivery.decode())["status"] == str(ScriptStatus.EVICTED_TTL)
+
+
+async def test_python_writes_records_lua_reads() -> None:
+    band = contract.BAND_CONFIG.encode("rr", "wa", 3, 4, 0.4, 0.4, 0.2, 60.0, 100.0, 0.25)
+    got = await _lua(f"local b = parse_band('{band}') return {{ b.fair, b.order, fmt(b.aging) }}")
+    assert [x.decode() for x in got] == ["rr", "wa", "0.25"]
+    statuses = await _lua("return { " + ", ".join(f"S_{s.name}" for s in ScriptStatus) + " }")
+    assert statuses == [int(s) for s in ScriptStatus]
+
+
+# --- What the scripts write is the documented layout ------------------------------------------
+
+_ID = re.compile(r"[A-Za-z0-9._%-]+")
+
+
+def _spec(suffix: str) -> contract.KeySpec:
+    for spec in KEYS:
+        if suffix == spec.suffix or (
+            spec.suffix.endswith(":") and suffix.startswith(spec.suffix) and suffix != spec.suffix
+        ):
+            return spec
+    raise AssertionError(f"undocumented key suffix {suffix!r}")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def _check_layout(store: PoolStore, seen: set[str]) -> None:
+    client = store.client
+    for raw_key in await client.keys("*"):
+        key = _text(raw_key)
+        assert key.startswith(store.prefix), key
+        suffix = key[len(store.prefix) :]
+        spec = _spec(suffix)
+        seen.add(spec.name)
+        rest = suffix[len(spec.suffix) :]
+        assert _text(await client.type(key)) == spec.kind, key
+        if spec.suffix in (contract.BAND, contract.FLOWS):
+            int(rest)
+        elif spec.suffix == contract.RANK:
+            band, _, flow = rest.partition(contract.RANK_FLOW_SEP)
+            int(band)
+            assert flow == "" or _ID.fullmatch(flow), key
+        elif spec.suffix == contract.LANE:
+            contract.LANE_ID.parse(rest)
+        elif spec.suffix.endswith(":"):
+            assert _ID.fullmatch(rest), key
+        await _check_content(client, spec, key)
+
+
+def _check_hash(spec: contract.KeySpec, key: str, fields: dict[str, str]) -> None:
+    if spec.fields:
+        extra = {f for f in fields if not f.startswith(contract.CFG_BAND)}
+        assert extra <= set(spec.fields), (key, extra - set(spec.fields))
+    records = {contract.ITEMS: contract.ITEM, contract.INFLIGHT: contract.INFLIGHT_RECORD}
+    for f, v in fields.items():
+        if spec.suffix == contract.CFG and f.startswith(contract.CFG_BAND):
+            contract.BAND_CONFIG.parse(v)
+        elif spec.suffix in records:
+            assert f.isdigit() and len(f) == contract.ID_WIDTH, key
+            records[spec.suffix].parse(v)
+        elif spec.suffix == contract.FLOWLEN:
+            contract.FLOW.parse(f)
+        elif spec.suffix == contract.WLANES:
+            contract.LANE_ID.parse(f)
+            assert contract.split_rank_member(v)[1] == f, key
+
+
+async def _check_content(client: Any, spec: contract.KeySpec, key: str) -> None:
+    if spec.kind == "hash":
+        fields = {_text(k): _text(v) for k, v in (await client.hgetall(key)).items()}
+        _check_hash(spec, key, fields)
+    elif spec.suffix == contract.RANK:
+        for member in await client.zrange(key, 0, -1):
+            head, lane = contract.split_rank_member(_text(member))
+            assert head.isdigit(), key
+            contract.LANE_ID.parse(lane)
+    elif spec.suffix == contract.INBOX:
+        for msg in await client.lrange(key, 0, -1):
+            ScriptStatus(int(contract.DELIVERY.parse(_text(msg))["status"]))
+
+
+@pytest.mark.parametrize("hold_tickets", [False, True])
+async def test_scripts_write_exactly_the_documented_keys(hold_tickets: bool) -> None:
+    server = fakeredis.FakeServer()
+    bands = {
+        "priorityBands": [
+            {
+                "priority": 1,
+                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
+                "orderingPolicy": {"type": "edf-ordering-policy"},
+            },
+            {"priority": -1, "orderingPolicy": {"type": "fcfs-ordering-policy"}},
+        ]
+    }
+    config = make_config(limit=1, flowControl=bands)
+    stores = [
+        PoolStore(fakeredis.FakeAsyncRedis(server=server), config, rid, coalesce=False)
+        for rid in ("r1", "r2")
+    ]
+    r1, r2 = stores
+    seen: set[str] = set()
+    lease = 5000 if hold_tickets else 0
+    args = {"criticality": 3, "byte_size": 10, "ttl_ms": 60_000}
+    await r1.configure(now=0)
+    for s in stores:
+        await s.heartbeat(10_000, now=10)
+    team = escape_id("team/a")
+    holder = await r1.enqueue(now=20, band=0, flow="f", workload=team, **args)
+    await _check_layout(r1, seen)
+    await r2.enqueue(now=30, band=0, flow="f", workload=team, **{**args, "criticality": 4})
+    await r2.enqueue(now=40, band=1, flow=escape_id("x/y"), workload="", **args)
+    await r1.enqueue(now=50, band=1, flow="z", workload="", **args)
+    await r1.enqueue(now=60, band=-1, flow="f", workload="", lease_ms=lease, **args)
+    await _check_layout(r1, seen)
+    current, now = holder.item_id, 100
+    for _ in range(4):
+        reply = await r1.release(current, now=now)
+        assert reply.status is ScriptStatus.DISPATCHED
+        await _check_layout(r1, seen)
+        current = (await r1.client.hkeys(r1.key(contract.INFLIGHT)))[0].decode()
+        now += 100
+    await r1.maintain(1000, force=True, now=now)
+    await _check_layout(r1, seen)
+    # Every documented key was written at some point of the scenario (leases only by tickets).
+    expected = {k.name for k in KEYS} - (set() if hold_tickets else {"LEASES"})
+    assert seen == expected
+    for s in stores:
+        await s.client.aclose()

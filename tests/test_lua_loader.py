@@ -1,0 +1,106 @@
+"""The Lua loader: nested includes, each once, in dependency order; cycles and unknown names fail
+with the line that caused them; every shipped script expands and declares what it needs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.store.scripts import (
+    SCRIPT_NAMES,
+    IncludeError,
+    contract_lua,
+    expand_includes,
+    script_source,
+)
+
+LUA = Path(__file__).resolve().parents[1] / "lua"
+
+
+def reader(sources: dict[str, str]) -> Callable[[str], str | None]:
+    return sources.get
+
+
+def test_nested_includes_expand_depth_first_and_once() -> None:
+    sources = {
+        "base": "B\n",
+        "left": "-- @include base\nL\n",
+        "right": "-- @include base\n-- @include left\nR\n",
+    }
+    text = "-- @include right\n-- @include left\n-- @include base\nS\n"
+    assert expand_includes("s.lua", text, reader(sources)) == "B\nL\nR\nS\n"
+
+
+def test_a_cycle_names_the_line_that_closes_it() -> None:
+    sources = {"a": "x\n-- @include b\n", "b": "y\nz\n-- @include a\n"}
+    with pytest.raises(IncludeError) as err:
+        expand_includes("s.lua", "-- @include a\n", reader(sources))
+    assert str(err.value) == ("includes/b.lua:3: include cycle s.lua -> a -> b -> a: -- @include a")
+
+
+def test_an_include_of_itself_is_a_cycle() -> None:
+    with pytest.raises(IncludeError, match=r"includes/a.lua:1: include cycle s.lua -> a -> a"):
+        expand_includes("s.lua", "-- @include a\n", reader({"a": "-- @include a\n"}))
+
+
+def test_an_unknown_include_names_its_line() -> None:
+    with pytest.raises(IncludeError, match=r"^s.lua:2: no include named 'nope'"):
+        expand_includes("s.lua", "x\n-- @include nope\n", reader({}))
+
+
+def test_only_whole_include_lines_count() -> None:
+    text = "--  @include a\nlocal s = '-- @include a'\n"
+    assert expand_includes("s.lua", text, reader({"a": "A\n"})) == text
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_script_expands_with_each_include_once(name: str) -> None:
+    source = script_source(name)
+    assert "@include" not in source
+    # Each include's header appears once: duplicates were removed.
+    headers = re.findall(r"^--\[\[\n  (.+)$", source, flags=re.MULTILINE)
+    assert len(headers) == len(set(headers))
+    assert source.count("local rcall = redis.call") == 1
+
+
+def test_each_include_has_a_header_and_declares_what_it_needs() -> None:
+    """bullmq style: a header saying what the include provides and needs, and an ``@include``
+    line for each of those needs (so an include works wherever it is pulled in)."""
+    for path in sorted((LUA / "includes").glob("*.lua")):
+        text = path.read_text()
+        assert text.startswith("--[[\n"), path
+        header = text[: text.index("]]")]
+        assert "Provides:" in header, path
+        needs = re.search(r"Needs: ([^.]*)\.", header)
+        assert needs is not None, path
+        declared = re.findall(r"^-- @include (\w+)$", text, flags=re.MULTILINE)
+        assert declared == [n.strip() for n in needs.group(1).split(",")], path
+    assert "Needs: nothing." in contract_lua()
+
+
+def test_every_script_keeps_its_header_block() -> None:
+    for name in SCRIPT_NAMES:
+        text = (LUA / f"{name}.lua").read_text()
+        assert text.startswith("--[[\n"), name
+        header = text[: text.index("]]")]
+        assert "KEYS[1]" in header and "Output:" in header, name
+
+
+LUA_BUILTINS = {"tonumber", "tostring", "ipairs", "pairs", "unpack", "type", "error", "pcall"}
+
+
+@pytest.mark.parametrize("name", SCRIPT_NAMES)
+def test_every_function_is_defined_before_it_is_used(name: str) -> None:
+    """A local used before its definition would be read as a global (an error in Redis), so the
+    includes must come in dependency order and each script must include what it calls."""
+    code = re.sub(r"--\[\[.*?\]\]|--[^\n]*|'[^'\n]*'", "", script_source(name), flags=re.DOTALL)
+    defined = {m.group(1): m.start() for m in re.finditer(r"local (?:function )?(\w+)", code)}
+    for call in re.finditer(r"(?<![.:\w])([a-z_]\w*)\(", code):
+        fn = call.group(1)
+        if fn in LUA_BUILTINS or fn == "function":
+            continue
+        assert fn in defined, f"{name}: {fn} is not defined"
+        assert defined[fn] < call.start(), f"{name}: {fn} is used before its definition"

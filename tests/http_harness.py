@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +48,15 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0) -> Non
 
 @asynccontextmanager
 async def running_stack(
-    config: Config, upstream: SimulatedModel | None = None, redis_url: str | None = None
+    config: Config,
+    upstream: SimulatedModel | None = None,
+    redis_url: str | None = None,
+    *,
+    ticket_secret: bytes | None = None,
+    admin_token: bytes | None = None,
 ) -> AsyncIterator[Stack]:
+    """Both ports of one replica in front of ``upstream``; a ticket secret and an admin token
+    when given (None: not configured)."""
     model = upstream or SimulatedModel(latency_s=0.05)
     runner, port = await start_app(model.app())
     try:
@@ -61,6 +68,8 @@ async def running_stack(
             redis_url=redis_url,
             upstream=f"http://127.0.0.1:{port}",
             replica_id="test",
+            ticket_secret=None if ticket_secret is None else Secret(ticket_secret),
+            admin_token=None if admin_token is None else Secret(admin_token),
         )
         server = Server(options)
         # Whatever fails from here on, the replica's Redis clients and its loops are closed.
@@ -84,40 +93,18 @@ async def running_stack(
         await runner.cleanup()
 
 
-@asynccontextmanager
-async def secured_stack(
+def secured_stack(
     config: Config,
     *,
     ticket_secret: bytes | None = None,
     admin_token: bytes | None = None,
     redis_url: str | None = None,
-) -> AsyncIterator[Stack]:
-    """Like ``running_stack``, with a ticket secret and an admin token (None: not configured)."""
-    model = SimulatedModel(latency_s=0)
-    runner, port = await start_app(model.app())
-    data_port, admin_port = free_port(), free_port()
-    options = ServeOptions(
-        config=config,
-        listen=("127.0.0.1", data_port),
-        admin_listen=("127.0.0.1", admin_port),
-        redis_url=redis_url,
-        upstream=f"http://127.0.0.1:{port}",
-        replica_id="secured",
-        ticket_secret=None if ticket_secret is None else Secret(ticket_secret),
-        admin_token=None if admin_token is None else Secret(admin_token),
+) -> AbstractAsyncContextManager[Stack]:
+    """``running_stack`` with an upstream that answers at once."""
+    return running_stack(
+        config,
+        SimulatedModel(latency_s=0),
+        redis_url,
+        ticket_secret=ticket_secret,
+        admin_token=admin_token,
     )
-    server = Server(options)
-    await server.start()
-    session = aiohttp.ClientSession()
-    try:
-        yield Stack(
-            server,
-            model,
-            session,
-            f"http://127.0.0.1:{data_port}",
-            f"http://127.0.0.1:{admin_port}",
-        )
-    finally:
-        await session.close()
-        await server.shutdown()
-        await runner.cleanup()

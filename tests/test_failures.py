@@ -140,3 +140,28 @@ async def test_killed_replica_is_reclaimed_by_the_others(
         doomed.wait()
         if doomed.stdout is not None:
             doomed.stdout.close()
+
+
+async def test_after_a_restart_one_dead_connection_costs_one_call(own_redis: RedisProcess) -> None:
+    """Every pooled connection died with the server: the first call that finds one drops the
+    idle rest, so later calls do not each fail once on a dead socket (each a refused request)."""
+    client, inbox = connect(own_redis.url, timeout_s=1.0)
+    store = PoolStore(client, make_config(limit=100), "a", inbox_client=inbox, coalesce=False)
+    try:
+        await store.configure()
+
+        async def enqueue() -> object:
+            return await store.enqueue(
+                band=0, flow="f", workload="", criticality=3, byte_size=0, ttl_ms=60_000
+            )
+
+        await asyncio.gather(*(enqueue() for _ in range(6)))  # six pooled connections
+        assert len(client.connection_pool._available_connections) >= 2
+        own_redis.restart()
+        with pytest.raises(StoreError):
+            await enqueue()  # its connection was dead; an enqueue is not retried blindly
+        results = await asyncio.gather(*(enqueue() for _ in range(5)), return_exceptions=True)
+        assert [r for r in results if isinstance(r, BaseException)] == []
+    finally:
+        await client.aclose()
+        await inbox.aclose()

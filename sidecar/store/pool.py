@@ -182,12 +182,25 @@ class PoolStore:
         try:
             result: list[Any] = await script(keys=self._keys, args=list(args))
         except RedisConnectionError:
-            # A pooled connection can be dead (Redis restarted). Retry once on a fresh one, but
-            # only scripts that are safe to run twice: a repeated enqueue would take two places.
+            # A pooled connection can be dead (Redis restarted): so are its idle siblings, and
+            # each would fail one request when next used. Drop them all now.
+            await self._drop_idle_connections()
+            # Retry once on a fresh one, but only scripts that are safe to run twice: a repeated
+            # enqueue would take two places.
             if name not in IDEMPOTENT_SCRIPTS:
                 raise
             result = await script(keys=self._keys, args=list(args))
         return result
+
+    async def _drop_idle_connections(self) -> None:
+        pool = getattr(self.client, "connection_pool", None)
+        disconnect = getattr(pool, "disconnect", None)
+        if disconnect is None:
+            return  # a cluster client: it manages its nodes' connections itself
+        try:
+            await disconnect(inuse_connections=False)
+        except (RedisError, OSError) as exc:
+            log.debug("dropping idle connections: %s", exc)
 
     async def _call(self, name: str, now: int | None, *args: object) -> list[Any]:
         """Runs a script; if the pool has no configuration (Redis lost its data), runs the

@@ -13,13 +13,12 @@ import enum
 import logging
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+import msgspec
 
 from sidecar.breaker import BreakerOpen, CircuitBreaker
 from sidecar.config import Config, FailureMode
 from sidecar.controller import Admission, FlowController
 from sidecar.errors import StoreError
-from sidecar.http.outcomes import SHUTTING_DOWN, STORE_UNAVAILABLE, unavailable
 from sidecar.metrics import Metrics
 from sidecar.request import FlowControlRequest
 
@@ -33,7 +32,22 @@ class PassThrough(enum.Enum):
 
 
 PASS_THROUGH = PassThrough.PASS
-Decision = Admission | web.Response | PassThrough
+
+# Refusals decided without the queue (the queue's own are Admission outcomes).
+SHUTTING_DOWN = "shutting_down"
+STORE_UNAVAILABLE = "store_unavailable"
+
+
+class Refused(msgspec.Struct, frozen=True):
+    """Not admitted, and not by the queue: the sidecar is draining, or the store is unavailable
+    and the failure mode is closed. sidecar/http/outcomes.py turns it into a response."""
+
+    reason: str
+    message: str
+
+
+# What every HTTP surface gets from admit(); sidecar/http/outcomes.py `refused` maps the refusals.
+Decision = Admission | Refused | PassThrough
 
 
 class AdmissionService:
@@ -60,7 +74,7 @@ class AdmissionService:
 
     async def admit(self, request: FlowControlRequest, *, lease_ms: int = 0) -> Decision:
         if self.draining:
-            return unavailable(SHUTTING_DOWN, "the sidecar is shutting down")
+            return Refused(SHUTTING_DOWN, "the sidecar is shutting down")
         try:
             admission = await self.controller.enqueue_and_wait(request, lease_ms=lease_ms)
         except BreakerOpen:
@@ -79,12 +93,12 @@ class AdmissionService:
     def _store_ok(self) -> None:
         self.metrics.breaker_open.set(1 if self.breaker.is_open else 0)
 
-    def _without_store(self, reason: str) -> web.Response | PassThrough:
+    def _without_store(self, reason: str) -> Refused | PassThrough:
         mode = self.config.redis.failure_mode
         self.metrics.failure_mode.labels(mode.value, reason).inc()
         if mode is FailureMode.OPEN:
             return PASS_THROUGH
-        return unavailable(STORE_UNAVAILABLE, "admission store unavailable (failureMode: closed)")
+        return Refused(STORE_UNAVAILABLE, "admission store unavailable (failureMode: closed)")
 
     async def release(self, item_id: str) -> bool:
         """Frees a slot; False if it was free already or the store failed (then the controller

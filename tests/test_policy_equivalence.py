@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -134,8 +135,10 @@ operations = st.lists(
 ).map(spread)
 
 
+# A failure is shrunk for up to hypothesis' own cap (300 s); let it finish and print the result.
+@pytest.mark.timeout(420)
 @settings(
-    max_examples=60,
+    max_examples=75,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     derandomize=True,

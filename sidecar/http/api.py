@@ -32,8 +32,8 @@ from sidecar.http.outcomes import (
     STORE_UNAVAILABLE,
     TICKET_HEADER,
     WAIT_HEADER,
-    outcome_response,
     refusal,
+    refused,
     unavailable,
 )
 from sidecar.outcome import Outcome
@@ -119,13 +119,10 @@ async def admit(request: web.Request) -> web.Response:
     if isinstance(classified, web.Response):
         return classified
     decision = await service.admit(classified, lease_ms=lease_ms)
-    if isinstance(decision, web.Response):
-        return decision
     if decision is PASS_THROUGH:
         return _json(Ticket("", FAIL_OPEN, 0, 0))
-    assert isinstance(decision, Admission)
-    if not decision.admitted:
-        return outcome_response(decision.outcome, f"request {decision.outcome.value}")
+    if not isinstance(decision, Admission) or not decision.admitted:
+        return refused(decision)
     ticket = request.app[TICKETS].issue(decision.item_id)
     return _json(Ticket(ticket, decision.outcome.value, decision.wait_ms, lease_ms))
 
@@ -194,15 +191,10 @@ async def check(request: web.Request) -> web.Response:
         return _deny(request, classified)
     lease_ms = round(service.config.redis.ticket_lease * 1000)
     decision = await service.admit(classified, lease_ms=lease_ms)
-    if isinstance(decision, web.Response):
-        return _deny(request, decision)
     if decision is PASS_THROUGH:
         return web.Response(status=200, headers={OUTCOME_HEADER: FAIL_OPEN})
-    assert isinstance(decision, Admission)
-    if not decision.admitted:
-        return _deny(
-            request, outcome_response(decision.outcome, f"request {decision.outcome.value}")
-        )
+    if not isinstance(decision, Admission) or not decision.admitted:
+        return _deny(request, refused(decision))
     headers = {
         OUTCOME_HEADER: decision.outcome.value,
         TICKET_HEADER: request.app[TICKETS].issue(decision.item_id),

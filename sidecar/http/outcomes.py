@@ -5,7 +5,11 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
+from sidecar.lifecycle import Admission
 from sidecar.outcome import Outcome
+from sidecar.service import SHUTTING_DOWN, STORE_UNAVAILABLE, Refused
+
+__all__ = ["SHUTTING_DOWN", "STORE_UNAVAILABLE", "refusal", "refused", "unavailable"]
 
 OUTCOME_HEADER = "x-admission-outcome"
 REASON_HEADER = "x-admission-reason"
@@ -16,9 +20,7 @@ STATUS_HEADER = "x-admission-status"
 # pkg/common/error/error.go: RequestDroppedReasonHeaderKey).
 DROPPED_REASON_HEADER = "x-llm-d-request-dropped-reason"
 
-# Reasons that are not outcomes of the queue itself.
-SHUTTING_DOWN = "shutting_down"
-STORE_UNAVAILABLE = "store_unavailable"
+# Reasons that are not outcomes of the queue itself (sidecar/service.py decides the others).
 FAIL_OPEN = "fail_open"
 
 STATUS = {
@@ -80,3 +82,10 @@ def outcome_response(outcome: Outcome, message: str) -> web.Response:
 
 def unavailable(reason: str, message: str) -> web.Response:
     return refusal(Outcome.REJECTED_OTHER.value, reason, 503, message, 1)
+
+
+def refused(decision: Admission | Refused) -> web.Response:
+    """The one mapping from a refusal decided by the service or the queue to its response."""
+    if isinstance(decision, Refused):
+        return unavailable(decision.reason, decision.message)
+    return outcome_response(decision.outcome, f"request {decision.outcome.value}")

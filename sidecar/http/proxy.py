@@ -26,8 +26,8 @@ from sidecar.http.outcomes import (
     OUTCOME_HEADER,
     REASON_HEADER,
     WAIT_HEADER,
-    outcome_response,
     refusal,
+    refused,
 )
 from sidecar.outcome import Outcome
 from sidecar.request import FlowControlRequest
@@ -134,14 +134,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         wait = time.perf_counter() - started
         _log(request, 499, Outcome.EVICTED_CANCELLED, int(wait * 1000), classified)
         raise
-    if isinstance(decision, web.Response):
-        _log(request, decision.status, decision.headers.get(REASON_HEADER, ""), 0, classified)
-        return decision
-    admission = None if decision is PASS_THROUGH else decision
-    if admission is not None and not admission.admitted:
-        refused = outcome_response(admission.outcome, f"request {admission.outcome.value}")
-        _log(request, refused.status, admission.outcome, admission.wait_ms, classified)
-        return refused
+    if decision is PASS_THROUGH:
+        admission = None
+    elif isinstance(decision, Admission) and decision.admitted:
+        admission = decision
+    else:
+        response = refused(decision)
+        wait_ms = decision.wait_ms if isinstance(decision, Admission) else 0
+        _log(request, response.status, response.headers[REASON_HEADER], wait_ms, classified)
+        return response
     async with service.holding(admission):
         return await _forward(request, classified, admission)
 

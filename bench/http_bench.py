@@ -1,6 +1,6 @@
 """The HTTP benchmark: rows 1, 2, 3 and 5 of the benchmark issue, each side by side in one run.
 
-    python -m bench.http_bench [--quick]
+    python -m bench.http_bench [--quick] [--row1]
 
 Every server runs in a process of its own (uvloop where installed), so the two cores are shared
 the same way in each leg: the fast upstream, the server under test (the sidecar, ``python -m
@@ -471,8 +471,9 @@ async def processes() -> AsyncIterator[tuple[RedisProcess, dict[str, Served]]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def run(quick: bool = False) -> list[Row]:
-    """Rows 1, 2, 3 and 5; ``quick`` runs each for a moment (a smoke test, not a measurement)."""
+async def run(quick: bool = False, throughput_only: bool = False) -> list[Row]:
+    """Rows 1, 2, 3 and 5; ``quick`` runs each for a moment (a smoke test, not a measurement);
+    ``throughput_only`` stops after row 1 (for iterating on the proxy's hot path)."""
     plan = QUICK if quick else FULL
     async with processes() as (redis, servers):
         pid = {name: served.proc.pid for name, served in servers.items()}
@@ -482,6 +483,8 @@ async def run(quick: bool = False) -> list[Row]:
             servers["sidecar"].url + CHAT_PATH, {"sidecar": pid["sidecar"], "Redis": redis_pid}
         )
         throughput = await alternate(plan, bare, sidecar, post=CHAT_BODY)
+        if throughput_only:
+            return [throughput_row(throughput, plan)]
         # Moderate for both: a load the bare proxy shrugs off can be most of the sidecar's
         # capacity while row 1 misses, and then queueing, not admission, sets the latency.
         rate = MODERATE_FRACTION * min(throughput.best_rps())
@@ -507,11 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
+    parser.add_argument("--row1", action="store_true", help="only row 1 (proxy throughput)")
     args = parser.parse_args(argv)
     rows: list[Row] = []
 
     async def go() -> None:
-        rows.extend(await run(quick=args.quick))
+        rows.extend(await run(quick=args.quick, throughput_only=args.row1))
 
     run_loop(go())
     print(markdown_table(rows))

@@ -25,7 +25,10 @@ while i <= #ARGV do
     replies[#replies + 1] = op_release(now, caller, ARGV[i + 1])
     i = i + 2
   else
+    -- What ran before stays done, as it would have without the bad operation.
+    flush_state()
     return redis.error_reply('batch: unknown operation ' .. tostring(ARGV[i]))
   end
 end
+flush_state()
 return replies

@@ -18,14 +18,18 @@
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local caller, id, reason = ARGV[2], ARGV[3], tonumber(ARGV[4])
-local out = {}
-if drop_queued(id, now) then return reply(reason, id, '', out) end
-if rcall('HEXISTS', K_INFLIGHT, id) == 1 then
-  if reason == S_EVICTED_CANCELLED then
-    release_item(id, now)
-    dispatch_ready(caller, now, out)
-    return reply(S_DISPATCHED, id, 'released', out)
+local function cancel(out)
+  if drop_queued(id, now) then return reply(reason, id, '', out) end
+  if rcall('HEXISTS', K_INFLIGHT, id) == 1 then
+    if reason == S_EVICTED_CANCELLED then
+      release_item(id, now)
+      dispatch_ready(caller, now, out)
+      return reply(S_DISPATCHED, id, 'released', out)
+    end
+    return reply(S_DISPATCHED, id, '', out)
   end
-  return reply(S_DISPATCHED, id, '', out)
+  return reply(S_NOT_FOUND, id, '', out)
 end
-return reply(S_NOT_FOUND, id, '', out)
+local r = cancel({})
+flush_state()
+return r

@@ -21,5 +21,7 @@
 ]]
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
-return op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),
+local r = op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),
   tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+flush_state()
+return r

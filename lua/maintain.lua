@@ -54,17 +54,20 @@ end
 -- Idle workloads: nothing queued or in flight for the idle timeout.
 local idle_before = int(now - CFG.idle)
 for _, wid in ipairs(rcall('ZRANGEBYSCORE', K_WORKLOADS, '-inf', idle_before, 'LIMIT', 0, budget)) do
-  if (tonumber(rcall('HGET', wkey(wid), 'active')) or 0) > 0 then
+  if idle_active(wid) > 0 then
     rcall('ZADD', K_WORKLOADS, int(now), wid)
   else
     rcall('DEL', wkey(wid), K_WLANES .. wid)
     rcall('ZREM', K_WORKLOADS, wid)
+    forget_workload(wid)
+    forget_lanes(wid)
   end
 end
 
 for _, wid in ipairs(rcall('SMEMBERS', K_RERANK)) do rerank_workload(wid, now) end
 
 dispatch_ready(caller, now, out)
+flush_state()
 local r = { 1, evicted, reclaimed }
 for i = 1, #out do r[#r + 1] = out[i] end
 return r

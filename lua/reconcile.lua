@@ -65,10 +65,10 @@ for id, wid in pairs(held) do
       wid = rec.wid
     else
       wid = track(wid, now)
-      rcall('HINCRBY', wkey(wid), 'active', 1)
+      add_active(wid, 1)
     end
     rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
-    rcall('HINCRBY', K_STATS, 'inflight', 1)
+    stat_add('inflight', 1)
     rcall('SADD', own, id)
     readded = readded + 1
   end
@@ -83,5 +83,6 @@ end
 
 local out = {}
 if released > 0 or dropped > 0 then dispatch_ready(replica, now, out) end
+flush_state()
 return reply(1, encode_reconciled(released, readded, dropped), table.concat(missing, ID_LIST_SEP),
   out)

@@ -11,6 +11,12 @@
 -- @include config
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
-if rcall('HEXISTS', K_INFLIGHT, ARGV[2]) == 0 then return { S_NOT_FOUND } end
+local raw = rcall('HGET', K_INFLIGHT, ARGV[2])
+if not raw then return { S_NOT_FOUND } end
+local f = parse_inflight(raw)
+-- A slot its replica held until now gets a lease: mark it, so its release removes the lease.
+if not f.leased then
+  rcall('HSET', K_INFLIGHT, ARGV[2], encode_inflight(f.owner, f.wid, f.since, 1))
+end
 rcall('ZADD', K_LEASES, int(now + tonumber(ARGV[3])), ARGV[2])
 return { 1 }

@@ -20,12 +20,17 @@ for i = 3, #ARGV - 2, 3 do
   local id, wid, lease = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
   if rcall('HEXISTS', K_INFLIGHT, id) == 0 then
     wid = track(wid, now)
-    rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
+    if lease > 0 then
+      rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now, 1))
+    else
+      rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
+    end
     rcall('HINCRBY', K_STATS, 'inflight', 1)
-    rcall('HINCRBY', wkey(wid), 'active', 1)
+    add_active(wid, 1)
     added = added + 1
     if lease > 0 then rcall('ZADD', K_LEASES, int(now + lease), id) end
   end
   if lease == 0 then rcall('SADD', K_OWN .. replica, id) end
 end
+flush_workloads()
 return { added }

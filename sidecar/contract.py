@@ -229,8 +229,10 @@ ITEM = _record(
     "item",
     "owner:s band:s flow:s wid:s crit:i bytes:i enq:i deadline:i lease:i",
 )
-# An in-flight slot (inflight hash): who holds it, for which workload, dispatched when.
-INFLIGHT_RECORD = _record("inflight", "owner:s wid:s since:i")
+# An in-flight slot (inflight hash): who holds it, for which workload, dispatched when; leased is 1
+# when the slot may have an entry in the leases zset (a ticket, or a renewed slot), so releasing a
+# slot without it does no lease work.
+INFLIGHT_RECORD = _record("inflight", "owner:s wid:s since:i leased:i", required=3)
 # An outcome for a replica's item, in a reply or its inbox.
 DELIVERY = _record("delivery", "id:s status:i wait:i")
 # A flow (flowlen field): also the lane id of an fcfs or edf lane, which holds the whole flow.

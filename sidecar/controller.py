@@ -43,10 +43,34 @@ _INBOX_BLOCK_S = 1.0
 _RETRY_BACKOFF_S = 0.5
 # How often the replica checks its own lease (a paused replica notices within this after waking).
 _WATCHDOG_S = 0.1
+# Requests without a valid fairness id share the default flow (escaped once, not per request).
+_DEFAULT_FLOW_KEY = escape_id(DEFAULT_FLOW)
+# Escaped ids remembered per replica: it sees the same few workload and flow ids over and over.
+_KEY_ID_CACHE = 10_000
 
 OutcomeHook = Callable[[FlowControlRequest, Admission], None]
 # (request, outcome or None when left queued, seconds the enqueue call took)
 EnqueueHook = Callable[[FlowControlRequest, Outcome | None, float], None]
+
+
+class _KeyIds:
+    """``sidecar.keys.key_id`` with one fallback, remembered (validating and escaping an id costs
+    more than the lookup; the cache starts over when full, so it stays bounded)."""
+
+    __slots__ = ("_fallback", "_known")
+
+    def __init__(self, fallback: str) -> None:
+        self._fallback = fallback
+        self._known: dict[str, str] = {}
+
+    def __call__(self, value: str) -> str:
+        known = self._known.get(value)
+        if known is None:
+            known = key_id(value, self._fallback)
+            if len(self._known) >= _KEY_ID_CACHE:
+                self._known.clear()
+            self._known[value] = known
+        return known
 
 
 @dataclass
@@ -83,6 +107,8 @@ class FlowController:
         # Absolute ms passed to every script; None = Redis TIME. Tests inject a virtual clock.
         self._clock = clock
         self._on_outcome = on_outcome
+        self.workload_key = _KeyIds("")
+        self._flow_key = _KeyIds(_DEFAULT_FLOW_KEY)
         store.sink = self._deliver
         store.on_lost = self._recover_from_loss
         # Requests queued in the pool by this replica, by item id.
@@ -102,6 +128,7 @@ class FlowController:
         self._background: set[asyncio.Task[None]] = set()
         self._calls: set[asyncio.Future[Any]] = set()
         self._recovery: asyncio.Future[None] | None = None
+        self._reconciling: asyncio.Future[Any] | None = None
         self._registered = False
         self._epoch: int | None = None
         self._last_beat: float | None = None  # loop time at which the last renewed lease began
@@ -200,10 +227,11 @@ class FlowController:
     def start_enqueue(self, pending: Pending, *, direct: bool = False) -> asyncio.Future[Any]:
         """Sends ``pending``'s enqueue with its remaining TTL; the reply goes to the pending."""
         request = pending.request
-        remaining_ms = max(int((pending.deadline - asyncio.get_running_loop().time()) * 1000), 1)
+        loop_time = asyncio.get_running_loop().time()
+        remaining_ms = max(int((pending.deadline - loop_time) * 1000), 1)
         call = self.store.submit_enqueue(
             band=request.priority,
-            flow=key_id(request.fairness_id, escape_id(DEFAULT_FLOW)),
+            flow=self._flow_key(request.fairness_id),
             workload=pending.workload,
             criticality=request.criticality,
             byte_size=request.byte_size,
@@ -212,7 +240,7 @@ class FlowController:
             now=self._clock(),
             direct=direct,
         )
-        pending.sent_at = asyncio.get_running_loop().time()
+        pending.sent_at = loop_time
         call.add_done_callback(pending.on_enqueue_reply)
         self._calls.add(call)
         call.add_done_callback(self._calls.discard)
@@ -277,10 +305,22 @@ class FlowController:
         every heartbeat until it succeeds: a lost release would hold a slot forever."""
         self._held.pop(item_id, None)
         self._tickets.pop(item_id, None)
-        call = self.store.submit_release(item_id, now=self._clock())
+        call: asyncio.Future[ScriptReply]
+        if self._reconciling is not None and not self._reconciling.done():
+            # A reconcile listing this slot as held is on the wire: a release that overtook it
+            # would be undone (the slot put back). Send it once the reconcile ran (a task: it
+            # goes even if this caller is cancelled meanwhile).
+            call = asyncio.ensure_future(self._release_after(self._reconciling, item_id))
+        else:
+            call = self.store.submit_release(item_id, now=self._clock())
         call.add_done_callback(functools.partial(self._release_done, item_id))
-        reply: ScriptReply = await asyncio.shield(call)
+        reply = await asyncio.shield(call)
         return reply.status is ScriptStatus.DISPATCHED
+
+    async def _release_after(self, before: asyncio.Future[None], item_id: str) -> ScriptReply:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(before)
+        return await asyncio.shield(self.store.submit_release(item_id, now=self._clock()))
 
     def _release_done(self, item_id: str, call: asyncio.Future[ScriptReply]) -> None:
         if call.cancelled() or call.exception() is not None:
@@ -423,7 +463,15 @@ class FlowController:
         redis = self.config.redis
         grace_ms = round((redis.heartbeat_interval + 2 * redis.timeout) * 1000)
         held = [(item_id, hold.workload) for item_id, hold in self._held.items()]
-        result = await self.store.reconcile(held, list(self._queued), grace_ms, now=self._clock())
+        # Releases wait for this call (see release): the list above must stay true until it ran.
+        self._reconciling = asyncio.ensure_future(
+            self.store.reconcile(held, list(self._queued), grace_ms, now=self._clock())
+        )
+        try:
+            result = await asyncio.shield(self._reconciling)
+        finally:
+            # Retrieved here; the releases waiting on it only need it to be done.
+            self._reconciling = None
         if result.released or result.readded or result.dropped or result.missing:
             log.warning(
                 "replica %s reconciled with the pool: released %d, re-added %d, dropped %d, "

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from sidecar.errors import StoreError
-from sidecar.keys import key_id
 from sidecar.outcome import STATUS_OUTCOME, Outcome, ScriptStatus
 from sidecar.request import FlowControlRequest
 
@@ -38,6 +37,23 @@ class Admission(msgspec.Struct, frozen=True):
 class Pending:
     """A submitted request. ``result`` waits for its outcome (once)."""
 
+    # One per request on the hot path: slots make it smaller and its attributes faster to reach.
+    __slots__ = (
+        "_ctrl",
+        "_done",
+        "_expiring",
+        "_gone",
+        "_reported",
+        "_requeued",
+        "deadline",
+        "item_id",
+        "lease_ms",
+        "order",
+        "request",
+        "sent_at",
+        "workload",
+    )
+
     def __init__(
         self,
         controller: FlowController,
@@ -51,7 +67,7 @@ class Pending:
         self.lease_ms = lease_ms
         self.deadline = deadline  # event-loop time at which the request's TTL runs out
         self.order = order  # arrival order on this replica (recovery re-queues in this order)
-        self.workload = key_id(request.workload_id)
+        self.workload = controller.workload_key(request.workload_id)
         self.item_id = ""
         self._done: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._gone = False  # the caller stopped waiting: undo whatever arrives later
@@ -144,6 +160,13 @@ class Pending:
         return self._ctrl.start_enqueue(self, direct=True)
 
     async def result(self) -> Admission:
+        done = self._done
+        if done.done():
+            # Decided by the enqueue reply (the fast path, a rejection): nothing to wait for, so
+            # no timer and no shield; with no await here, no cancellation can come between.
+            admission = done.result()  # raises what a failed re-queue set
+            self._report(admission)
+            return admission
         try:
             try:
                 async with asyncio.timeout_at(self.deadline):

@@ -19,8 +19,6 @@ in-flight eviction series (``revocations_*``, ``reclaim_target``, ``pending_recl
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -94,6 +92,8 @@ class Metrics:
         self.workload_label = LabelCap(workload_label_limit)
         self.flow_label = LabelCap(workload_label_limit)
         self._outcome_children: dict[tuple[str, int, str], tuple[Any, ...]] = {}
+        self._enqueue_children: dict[tuple[str | None, int, str], tuple[Any, Any]] = {}
+        self._script_latency: dict[str, Any] = {}
         self._init_llm_d()
         self._init_deprecated()
         self._init_sidecar()
@@ -310,22 +310,28 @@ class Metrics:
         self, outcome: str | None, priority: int, fairness_id: str, seconds: float
     ) -> None:
         """Times one enqueue; ``outcome`` None when the request was left queued."""
-        band, flow = str(priority), self.flow_label(fairness_id)
-        llm_d = LLM_D_NOT_YET_FINALIZED if outcome is None else llm_d_outcome(outcome)
-        # The twin takes llm-d's values too: it had no values of its own to keep.
-        self.llmd_enqueue_duration.labels(flow, band, llm_d).observe(seconds)
-        self.enqueue_duration.labels(flow, band, llm_d).observe(seconds)
+        key = (outcome, priority, fairness_id)
+        children = self._enqueue_children.get(key)
+        if children is None:
+            band, flow = str(priority), self.flow_label(fairness_id)
+            llm_d = LLM_D_NOT_YET_FINALIZED if outcome is None else llm_d_outcome(outcome)
+            # The twin takes llm-d's values too: it had no values of its own to keep.
+            children = (
+                self.llmd_enqueue_duration.labels(flow, band, llm_d),
+                self.enqueue_duration.labels(flow, band, llm_d),
+            )
+            if len(self._enqueue_children) < _CHILD_CACHE:
+                self._enqueue_children[key] = children
+        children[0].observe(seconds)
+        children[1].observe(seconds)
 
-    @contextmanager
-    def time_script(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        except Exception:
-            self.script_errors.labels(name).inc()
-            raise
-        finally:
-            self.script_latency.labels(name).observe(time.perf_counter() - start)
+    def time_script(self, name: str) -> _ScriptTimer:
+        """Times one script call and counts its errors (a context manager)."""
+        latency = self._script_latency.get(name)
+        if latency is None:
+            # Script names are a fixed set: the cache cannot grow past it.
+            latency = self._script_latency[name] = self.script_latency.labels(name)
+        return _ScriptTimer(self, name, latency)
 
     def export_pool(self, snapshot: PoolState, config: Config | None = None) -> None:
         """Sets every pool-wide gauge, llm-d's and their twins, from one snapshot of Redis.
@@ -389,3 +395,25 @@ class Metrics:
             gauges[2].labels(pool).set(snapshot.queued / fc.max_requests)
         if fc.max_bytes > 0:
             gauges[3].labels(pool).set(snapshot.queued_bytes / fc.max_bytes)
+
+
+class _ScriptTimer:
+    """``Metrics.time_script``: a class rather than a generator, as it wraps every store call."""
+
+    __slots__ = ("_latency", "_metrics", "_name", "_start")
+
+    def __init__(self, metrics: Metrics, name: str, latency: Any) -> None:
+        self._metrics = metrics
+        self._name = name
+        self._latency = latency
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._start = time.perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_rest: object) -> None:
+        # Errors, not cancellations, count as failed calls (as `except Exception` would).
+        if exc_type is not None and issubclass(exc_type, Exception):
+            # Looked up only on an error, so a script's error series appears with its first.
+            self._metrics.script_errors.labels(self._name).inc()
+        self._latency.observe(time.perf_counter() - self._start)

@@ -8,10 +8,8 @@ failing open: forward without a slot, counted).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
-from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -71,6 +69,8 @@ class AdmissionService:
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # The breaker gauge's last written value: it is set only when it changes, not per call.
+        self._breaker_shown: int | None = None
 
     async def admit(self, request: FlowControlRequest, *, lease_ms: int = 0) -> Decision:
         if self.draining:
@@ -88,10 +88,16 @@ class AdmissionService:
         return admission
 
     def _store_failed(self) -> None:
-        self.metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+        self._show_breaker()
 
     def _store_ok(self) -> None:
-        self.metrics.breaker_open.set(1 if self.breaker.is_open else 0)
+        self._show_breaker()
+
+    def _show_breaker(self) -> None:
+        shown = 1 if self.breaker.is_open else 0
+        if shown != self._breaker_shown:
+            self._breaker_shown = shown
+            self.metrics.breaker_open.set(shown)
 
     def _without_store(self, reason: str) -> Refused | PassThrough:
         mode = self.config.redis.failure_mode
@@ -105,30 +111,31 @@ class AdmissionService:
         keeps the id and retries on its next heartbeat)."""
         return await self.release_ticket(item_id) is TicketResult.DONE
 
-    @contextlib.asynccontextmanager
-    async def holding(self, admission: Admission | None) -> AsyncIterator[None]:
+    def holding(self, admission: Admission | None) -> Holding:
         """Counts a running request for the drain and frees its slot however it ends.
 
         If the replica loses the slot (its lease lapsed while it was paused or cut off), the
         request is cancelled: it must not keep running on a slot the pool gave to another."""
+        return Holding(self, admission)
+
+    def _enter_held(self, admission: Admission | None) -> None:
         self.active += 1
         self._idle.clear()
         if admission is not None:
             task = asyncio.current_task()
             if task is not None:
                 self.controller.watch(admission.item_id, task.cancel)
+
+    async def _exit_held(self, admission: Admission | None) -> None:
         try:
-            yield
+            if admission is not None:
+                # Runs to the end in the store even if this handler is cancelled meanwhile (its
+                # reply may dispatch other requests); a failure is retried later.
+                await self.release(admission.item_id)
         finally:
-            try:
-                if admission is not None:
-                    # Runs to the end in the store even if this handler is cancelled meanwhile
-                    # (its reply may dispatch other requests); a failure is retried later.
-                    await self.release(admission.item_id)
-            finally:
-                self.active -= 1
-                if self.active == 0:
-                    self._idle.set()
+            self.active -= 1
+            if self.active == 0:
+                self._idle.set()
 
     async def drain(self, grace_s: float) -> bool:
         """Stops admitting, then waits up to ``grace_s`` for running requests. True if all ended."""
@@ -166,6 +173,24 @@ class AdmissionService:
             return TicketResult.UNAVAILABLE
         self._store_ok()
         return TicketResult.DONE if renewed else TicketResult.NOT_HELD
+
+
+class Holding:
+    """``AdmissionService.holding``: a class, not a generator-based context manager, because
+    every proxied request enters one."""
+
+    __slots__ = ("_admission", "_service")
+
+    def __init__(self, service: AdmissionService, admission: Admission | None) -> None:
+        self._service = service
+        self._admission = admission
+
+    async def __aenter__(self) -> None:
+        self._service._enter_held(self._admission)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        # Never swallows the body's exception (returns None), as the generator form did not.
+        await self._service._exit_held(self._admission)
 
 
 class TicketResult(enum.Enum):

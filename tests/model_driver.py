@@ -71,6 +71,11 @@ class Run:
     owner: dict[str, str] = field(default_factory=dict)
     dispatch_order: list[str] = field(default_factory=list)
     step: int = 0
+    op: object = None
+
+    @property
+    def where(self) -> str:
+        return f"step {self.step} {self.op}"
 
     async def compare_call(
         self, caller: str, seen: list[Seen], expected: list[tuple[Reply, list[Event]]]
@@ -80,13 +85,13 @@ class Run:
             (int(r.status), r.item_id, r.detail, _delivered([e for e in ev if e.owner == caller]))
             for r, ev in expected
         ]
-        assert seen == want, f"step {self.step}: replies differ (lua, model)"
+        assert seen == want, f"{self.where}: replies differ (lua, model)"
         events = [e for _, ev in expected for e in ev]
         inboxes = await self.read_inboxes()
         for replica in REPLICAS:
             if replica != caller:
                 mine = _delivered([e for e in events if e.owner == replica])
-                assert inboxes[replica] == mine, f"step {self.step}: inbox of {replica} differs"
+                assert inboxes[replica] == mine, f"{self.where}: inbox of {replica} differs"
         for e in events:
             if e.status == ScriptStatus.DISPATCHED:
                 self._dispatched(e.item_id)
@@ -121,7 +126,7 @@ class Run:
         m = self.model
         stats = [int(x or 0) for x in raw[0]]
         want_stats = [len(m.queued), sum(i.size for i in m.queued.values()), len(m.inflight), m.seq]
-        assert stats == want_stats, f"step {self.step}: pool counts differ"
+        assert stats == want_stats, f"{self.where}: pool counts differ"
         for wid, fields in zip(WORKLOADS, raw[1:], strict=True):
             bi, c, p, ema, n, active = fields
             lua = (None if bi is None else int(bi), int(c or 0), int(p or 0),
@@ -129,7 +134,7 @@ class Run:
             k = m.workloads.get(wid)
             want = (None, 0, 0, None, 0, 0) if k is None else (
                 k.bucket, k.current, k.previous, k.ema, k.dispatched, k.active)  # fmt: skip
-            assert lua == want, f"step {self.step}: registry entry of {wid!r} differs"
+            assert lua == want, f"{self.where}: registry entry of {wid!r} differs"
 
     # Operations ---------------------------------------------------------------------------------
     async def enqueue(self, caller: str, args: tuple[Any, ...]) -> None:
@@ -178,9 +183,7 @@ class Run:
         )
         done, out = self.model.maintain(self.now, caller, MAINTENANCE_INTERVAL_MS, budget, force)
         counts = [int(x) for x in raw[:3]]
-        assert counts == [int(done.ran), done.evicted, done.reclaimed], (
-            f"step {self.step}: maintain"
-        )
+        assert counts == [int(done.ran), done.evicted, done.reclaimed], f"{self.where}: maintain"
         seen = [
             (
                 0,
@@ -193,14 +196,14 @@ class Run:
 
     async def heartbeat(self, replica: str, lease: int) -> None:
         beat = await self.stores[replica].heartbeat(lease, now=self.now)
-        assert beat.known == self.model.heartbeat(self.now, replica, lease), f"step {self.step}"
+        assert beat.known == self.model.heartbeat(self.now, replica, lease), f"{self.where}"
 
     async def renew(self, pick: int, lease: int) -> None:
         if not self.held:
             return
         iid = self.held[pick % len(self.held)]
         renewed = await self.stores[self.owner[iid]].renew(iid, lease, now=self.now)
-        assert renewed == self.model.renew(self.now, iid, lease), f"step {self.step}: renew"
+        assert renewed == self.model.renew(self.now, iid, lease), f"{self.where}: renew"
 
     async def batch(self, caller: str, subops: list[tuple[Any, ...]]) -> None:
         flat: list[object] = []
@@ -242,15 +245,15 @@ class Run:
         else:
             await self.batch(REPLICAS[rest[0]], rest[1])
 
-    async def drain(self) -> None:
-        """Releases every held slot and ticks maintenance until the pool is empty."""
-        for _ in range(4 * self.model.seq + 20):
+    async def drain(self, every: int) -> None:
+        """Releases every held slot, with the same maintenance ticks, until the pool is empty."""
+        for i in range(4 * self.model.seq + 20):
             if not self.model.queued and not self.model.inflight:
                 return
             self.step += 1
             # Past the recovery hold at once: waiting it out in small steps proves nothing more.
             self.now = max(self.now + 500, self.model.hold)
-            if self.held:
+            if self.held and i % every != every - 1:
                 await self.release(0)
             else:
                 await self.maintain(REPLICAS[0], 500, force=True)
@@ -269,17 +272,24 @@ async def start_run(backend: Backend, config: Config, hold_ms: int) -> Run:
 
 
 async def run_history(
-    backend: Backend, config: Config, hold_ms: int, ops: list[tuple[Any, ...]], every: int
+    backend: Backend,
+    config: Config,
+    hold_ms: int,
+    ops: list[tuple[Any, ...]],
+    every: tuple[int, int],
 ) -> Run:
-    """Runs ``ops`` with a forced maintenance tick before every ``every``-th one, then drains."""
+    """Runs ``ops`` with a forced maintenance tick before every ``every[0]``-th one, then drains
+    with a tick every ``every[1]`` steps (rarely, so incremental re-ranks decide dispatch there,
+    or often, so the ticks' re-ranks do)."""
     run = await start_run(backend, config, hold_ms)
     for i, op in enumerate(ops):
-        run.step = i
-        if i % every == every - 1:
+        if i % every[0] == every[0] - 1:
+            run.step, run.op = i, "(the forced tick before it)"
             await run.maintain(REPLICAS[0], 500, force=True)
             await run.compare_counters()
+        run.step, run.op = i, op
         await run.apply(op)
-    run.step = len(ops)
-    await run.drain()
+    run.step, run.op = len(ops), "drain"
+    await run.drain(every[1])
     await run.compare_counters()
     return run

@@ -320,3 +320,41 @@ async def test_a_reclaimed_replica_aborts_its_slots_and_requeues_its_waiters(
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_release_never_overtakes_a_reconcile_that_lists_its_slot(backend: Backend) -> None:
+    """Reconcile puts back held slots the pool lost; a release sent after its list was taken
+    but run before it would be undone (the slot counted again, over the limit). Found by
+    tests/test_two_replicas.py on a loaded machine."""
+    ctrl = FlowController(backend.store(make_config(limit=1)))
+    await ctrl.start(loops=False)
+    real = ctrl.store.reconcile
+    go = asyncio.Event()
+    releases_sent: list[str] = []
+    real_submit = ctrl.store.submit_release
+
+    async def slow_reconcile(*args: Any, **kwargs: Any) -> Any:
+        await go.wait()  # the reconcile is "on the wire"
+        return await real(*args, **kwargs)
+
+    def recording_submit(item_id: str, now: int | None = None) -> Any:
+        releases_sent.append(item_id)
+        return real_submit(item_id, now=now)
+
+    ctrl.store.reconcile = slow_reconcile  # type: ignore[method-assign]
+    ctrl.store.submit_release = recording_submit  # type: ignore[method-assign]
+    try:
+        held = await ctrl.enqueue_and_wait(req("h"))
+        reconciling = asyncio.create_task(ctrl._reconcile())
+        await asyncio.sleep(0)  # its list of held slots is taken
+        releasing = asyncio.create_task(ctrl.release(held.item_id))
+        for _ in range(20):
+            await asyncio.sleep(0)  # loop turns: an ungated release would be submitted by now
+        assert releases_sent == []  # held back while the reconcile runs
+        go.set()
+        await reconciling
+        assert await releasing
+        assert releases_sent == [held.item_id]
+        assert (await stats(ctrl))["inflight"] == 0
+    finally:
+        await ctrl.stop()

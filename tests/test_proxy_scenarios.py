@@ -282,9 +282,12 @@ async def test_client_disconnect_while_streaming_releases_the_slot(
             response = await quitter.post(
                 f"{stack.data}/v1/chat/completions", json={"stream": True, "max_tokens": 20}
             )
-            await response.content.readuntil(b"\n\n")
+            try:
+                await response.content.readuntil(b"\n\n")
+            finally:
+                response.close()  # gone mid-stream: the connection is dropped, not pooled
         finally:
-            await quitter.close()  # gone mid-stream
+            await quitter.close()
 
         async def released() -> bool:
             return int((await stack.state())["inflight"]) == 0

@@ -7,18 +7,29 @@
 ]]
 -- @include contract
 
+-- The whole configuration hash, read once per call: pool settings and band records together
+-- (a handful of short fields), so no script reads the hash twice.
+local CFG_RAW = nil
+local function cfg_raw()
+  if not CFG_RAW then
+    CFG_RAW = {}
+    local v = rcall('HGETALL', K_CFG)
+    for i = 1, #v, 2 do CFG_RAW[v[i]] = v[i + 1] end
+  end
+  return CFG_RAW
+end
+
 local CFG = {}
 local function load_cfg()
-  local v = rcall('HMGET', K_CFG, 'epoch', 'limit', 'maxReq', 'maxBytes', 'win', 'alpha', 'idle',
-    'maxTracked', 'hold')
-  if not v[1] then return false end
+  local r = cfg_raw()
+  if not r.epoch then return false end
   -- After the pool's data was lost (Redis restarted empty), nothing is dispatched before this
   -- pool time, so every live replica can re-register what it still holds first (configure.lua).
-  CFG.hold = tonumber(v[9]) or 0
-  CFG.epoch, CFG.limit = tonumber(v[1]), tonumber(v[2])
-  CFG.maxReq, CFG.maxBytes = tonumber(v[3]), tonumber(v[4])
-  CFG.win, CFG.alpha, CFG.idle, CFG.maxTracked = tonumber(v[5]), tonumber(v[6]), tonumber(v[7]),
-    tonumber(v[8])
+  CFG.hold = tonumber(r.hold) or 0
+  CFG.epoch, CFG.limit = tonumber(r.epoch), tonumber(r.limit)
+  CFG.maxReq, CFG.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
+  CFG.win, CFG.alpha, CFG.idle, CFG.maxTracked = tonumber(r.win), tonumber(r.alpha),
+    tonumber(r.idle), tonumber(r.maxTracked)
   return true
 end
 
@@ -26,10 +37,11 @@ local BANDS = {}
 local function band_cfg(band)
   local b = BANDS[band]
   if b then return b end
-  local raw = rcall('HGET', K_CFG, CFG_BAND .. band)
+  local r = cfg_raw()
+  local raw = r[CFG_BAND .. band]
   -- An unlisted negative band takes defaultNegativePriorityBand when one is configured.
-  if not raw and (tonumber(band) or 0) < 0 then raw = rcall('HGET', K_CFG, CFG_BAND_NEGATIVE) end
-  if not raw then raw = rcall('HGET', K_CFG, CFG_BAND_DEFAULT) end
+  if not raw and (tonumber(band) or 0) < 0 then raw = r[CFG_BAND_NEGATIVE] end
+  if not raw then raw = r[CFG_BAND_DEFAULT] end
   b = parse_band(raw)
   BANDS[band] = b
   return b

@@ -5,12 +5,14 @@
   in-flight slots; removes queued items for good; builds replies.
   Provides: notify(owner, id, status, wait, caller, out), dispatch_item(id, caller, now, out),
   pick_next(), dispatch_ready(caller, now, out), release_item(id, now), drop_queued(id, now),
-  reply(status, a, b, out).
-  Needs: contract, config, registry, lanes.
+  reply(status, a, b, out), flush_state() (writes the counters kept during the call: every
+  script that changes them calls it before it returns).
+  Needs: contract, config, registry, counters, lanes.
 ]]
 -- @include contract
 -- @include config
 -- @include registry
+-- @include counters
 -- @include lanes
 
 -- Outcomes reach the waiting request: directly in the reply when the caller owns it, otherwise
@@ -27,20 +29,26 @@ local function notify(owner, id, status, wait, caller, out)
   end
 end
 
+-- `id` heads its lane (it was picked from a ranking).
 local function dispatch_item(id, caller, now, out)
   local rec = parse_item(rcall('HGET', K_ITEMS, id))
-  unqueue_item(id, rec, now)
-  rcall('HSET', K_INFLIGHT, id, encode_inflight(rec.owner, rec.wid, now))
-  rcall('HINCRBY', K_STATS, 'inflight', 1)
-  if rec.lease > 0 then
+  local wait = math.max(now - rec.enq, 0)
+  -- The wait changes the workload's score first, so its lanes, the one this item leaves
+  -- included, are ranked once, by the re-rank below.
+  record_wait(rec.wid, wait / 1000.0)
+  local rerank = rec.wid ~= ''
+  local emptied = unqueue_item(id, rec, now, true, rerank)
+  stat_add('inflight', 1)
+  if rec.lease == 0 then
+    rcall('HSET', K_INFLIGHT, id, encode_inflight(rec.owner, rec.wid, now))
+  else
+    rcall('HSET', K_INFLIGHT, id, encode_inflight(rec.owner, rec.wid, now, 1))
     -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
     -- replica that stops or dies does not take back tickets that are still in use.
     rcall('ZADD', K_LEASES, int(now + rec.lease), id)
     rcall('SREM', K_OWN .. rec.owner, id)
   end
-  local wait = math.max(now - rec.enq, 0)
-  record_wait(rec.wid, wait / 1000.0)
-  if rec.wid ~= '' then rerank_workload(rec.wid, now) end
+  if rerank then rerank_workload(rec.wid, now, emptied) end
   notify(rec.owner, id, S_DISPATCHED, wait, caller, out)
 end
 
@@ -69,12 +77,12 @@ end
 -- the same atomic script, so replicas can never overshoot the global limit.
 local function dispatch_ready(caller, now, out)
   if now < CFG.hold then return end
-  local inflight = tonumber(rcall('HGET', K_STATS, 'inflight')) or 0
-  while inflight < CFG.limit do
+  local st = stats()
+  -- With nothing queued there is no band to pick from: no need to look.
+  while st.qn > 0 and st.inflight < CFG.limit do
     local id = pick_next()
     if not id then break end
     dispatch_item(id, caller, now, out)
-    inflight = inflight + 1
   end
 end
 
@@ -84,9 +92,11 @@ local function release_item(id, now)
   if not raw then return false end
   local f = parse_inflight(raw)
   rcall('HDEL', K_INFLIGHT, id)
-  rcall('HINCRBY', K_STATS, 'inflight', -1)
+  stat_add('inflight', -1)
+  -- Only a leased slot can have a lease entry; any may be in its owner's set (reregister.lua
+  -- adds a slot the replica says it holds itself).
   rcall('SREM', K_OWN .. f.owner, id)
-  rcall('ZREM', K_LEASES, id)
+  if f.leased then rcall('ZREM', K_LEASES, id) end
   workload_done(f.wid, now)
   return true
 end
@@ -106,4 +116,9 @@ local function reply(status, a, b, out)
   local r = { status, a or '', b or '' }
   for i = 1, #out do r[#r + 1] = out[i] end
   return r
+end
+
+local function flush_state()
+  flush_counts()
+  flush_workloads()
 end

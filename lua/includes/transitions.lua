@@ -2,13 +2,16 @@
   The admission transitions as functions, so enqueue.lua and release.lua run one each and batch.lua
   runs several in one call (coalesced calls of concurrent requests) without a second copy.
   Each returns the reply table its script returns.
+  They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
+  runs them calls flush_state() before it returns.
   Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease),
   op_release(now, caller, id).
-  Needs: contract, config, registry, lanes, dispatch.
+  Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
 -- @include contract
 -- @include config
 -- @include registry
+-- @include counters
 -- @include lanes
 -- @include dispatch
 
@@ -19,21 +22,20 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   local out = {}
   local wid = track(raw_wid, now)
   count_request(wid, now)
-  if wid ~= '' then rerank_workload(wid, now) end
+  local st = stats()
 
-  local st = rcall('HMGET', K_STATS, 'qn', 'qbytes', 'inflight')
-  local qn, qbytes, inflight = tonumber(st[1]) or 0, tonumber(st[2]) or 0, tonumber(st[3]) or 0
-
-  if qn == 0 and inflight < CFG.limit and now >= CFG.hold then
-    -- Fast path: nothing waits, so nothing better waits; no queue structure is touched.
-    local id = item_id(rcall('HINCRBY', K_STATS, 'seq', 1))
-    rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now))
-    rcall('HINCRBY', K_STATS, 'inflight', 1)
-    rcall('HINCRBY', wkey(wid), 'active', 1)
+  if st.qn == 0 and st.inflight < CFG.limit and now >= CFG.hold then
+    -- Fast path: nothing waits, so nothing better waits; no queue structure is touched, and no
+    -- lane of the workload exists to re-rank.
+    local id = item_id(stat_add('seq', 1))
+    stat_add('inflight', 1)
+    add_active(wid, 1)
     -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
     if lease > 0 then
+      rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now, 1))
       rcall('ZADD', K_LEASES, int(now + lease), id)
     else
+      rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now))
       rcall('SADD', K_OWN .. caller, id)
     end
     record_wait(wid, 0)
@@ -41,18 +43,22 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   end
 
   local b = band_cfg(band)
-  local bs = rcall('HMGET', K_BAND .. band, 'n', 'bytes')
-  local bn, bbytes = tonumber(bs[1]) or 0, tonumber(bs[2]) or 0
-  if (CFG.maxReq > 0 and qn >= CFG.maxReq) or (CFG.maxBytes > 0 and qbytes + bytes > CFG.maxBytes)
-    or (b.maxReq > 0 and bn >= b.maxReq) or (b.maxBytes > 0 and bbytes + bytes > b.maxBytes) then
+  local bc = band_counts(band)
+  if (CFG.maxReq > 0 and st.qn >= CFG.maxReq)
+    or (CFG.maxBytes > 0 and st.qbytes + bytes > CFG.maxBytes)
+    or (b.maxReq > 0 and bc.n >= b.maxReq) or (b.maxBytes > 0 and bc.bytes + bytes > b.maxBytes) then
+    -- The request still counted toward its workload's rate: its queued lanes move.
+    if wid ~= '' then rerank_workload(wid, now) end
     return reply(S_REJECTED_CAPACITY, '', '', out)
   end
 
-  local id = item_id(rcall('HINCRBY', K_STATS, 'seq', 1))
+  local id = item_id(stat_add('seq', 1))
   local raw = encode_item(caller, band, flow, wid, crit, bytes, now, now + ttl, lease)
-  queue_item(id, raw, parse_item(raw), now)
-  rcall('HINCRBY', wkey(wid), 'active', 1)
+  -- Its lane, if new, is ranked with the workload's others, by the re-rank that follows.
+  queue_item(id, raw, parse_item(raw), now, wid ~= '')
+  add_active(wid, 1)
   rcall('SADD', K_OWN .. caller, id)
+  if wid ~= '' then rerank_workload(wid, now) end
   dispatch_ready(caller, now, out)
 
   for i, msg in ipairs(out) do

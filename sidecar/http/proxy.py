@@ -50,15 +50,20 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK = 64 * 1024
+# The response's length is set from the upstream's (or left to chunking), never copied as is.
+_RESPONSE_DROP = frozenset({"content-length"})
 
 
 def forwardable(source: Mapping[str, str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones, those named by Connection, and ``drop``."""
-    listed = {h.strip().lower() for h in source.get("connection", "").split(",") if h.strip()}
+    connection = source.get("connection")
+    if connection:
+        listed = {h.strip().lower() for h in connection.split(",")}
+        drop = drop | listed
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in source.items():
         lower = name.lower()
-        if lower not in drop and lower not in HOP_BY_HOP and lower not in listed:
+        if lower not in HOP_BY_HOP and lower not in drop:
             out.add(name, value)
     return out
 
@@ -93,14 +98,11 @@ async def relay(
         response = web.StreamResponse(
             status=upstream_response.status, reason=upstream_response.reason
         )
-        response.headers.extend(
-            forwardable(upstream_response.headers, frozenset({"content-length"}))
-        )
-        if (
-            "content-length" in upstream_response.headers
-            and "content-encoding" not in upstream_response.headers
-        ):
-            response.content_length = int(upstream_response.headers["content-length"])
+        upstream_headers = upstream_response.headers
+        response.headers.extend(forwardable(upstream_headers, _RESPONSE_DROP))
+        length = upstream_headers.get("content-length")
+        if length is not None and "content-encoding" not in upstream_headers:
+            response.content_length = int(length)
         response.headers.update(added)
         await response.prepare(request)
         try:

@@ -60,8 +60,15 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+# Status by code: a dict lookup costs a fraction of the enum's constructor, once per reply.
+_STATUS_BY_CODE = {int(status): status for status in ScriptStatus}
+
+
 def _parse_reply(raw: Sequence[Any]) -> ScriptReply:
-    status = ScriptStatus(int(raw[0]))
+    code = raw[0]
+    status = _STATUS_BY_CODE.get(code) if type(code) is int else None
+    if status is None:
+        status = ScriptStatus(int(code))
     if len(raw) < 3:
         return ScriptReply(status, "", "", [])
     return ScriptReply(status, _text(raw[1]), _text(raw[2]), [Delivery.parse(r) for r in raw[3:]])

@@ -32,7 +32,8 @@ class CircuitBreaker:
         self.threshold = threshold
         self.cooldown_s = cooldown_s
         self._clock = clock
-        self._on_change = on_change
+        # Called with True when the breaker opens and False when it closes (a metric follows it).
+        self.on_change = on_change
         self._failures = 0
         self._opened_at: float | None = None
         self._trial_running = False
@@ -73,8 +74,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = None
         self._trial_running = False
-        if was_open and self._on_change is not None:
-            self._on_change(False)
+        if was_open and self.on_change is not None:
+            self.on_change(False)
 
     def failure(self) -> None:
         was_open = self.is_open
@@ -82,5 +83,5 @@ class CircuitBreaker:
         self._trial_running = False
         if self._opened_at is not None or self._failures >= self.threshold:
             self._opened_at = self._clock()
-            if not was_open and self._on_change is not None:
-                self._on_change(True)
+            if not was_open and self.on_change is not None:
+                self.on_change(True)

@@ -517,7 +517,7 @@ class FlowController:
         holdings += tickets
         if holdings:
             await self.store.reregister(holdings, now=now, direct=True)
-        await self.store.call_direct("heartbeat", now, self.store.replica_id, self.lease_ms)
+        await self.store.heartbeat(self.lease_ms, now=now, direct=True)
         self._epoch = self.store.epoch
         self._registered = True
         self._deferred = []

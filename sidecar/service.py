@@ -64,13 +64,12 @@ class AdmissionService:
         if store.breaker is None:
             store.breaker = breaker or CircuitBreaker()
         self.breaker = store.breaker
+        self.breaker.on_change = self._show_breaker
         self.draining = False
         # Admitted requests still running (proxy mode), for the graceful drain.
         self.active = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        # The breaker gauge's last written value: it is set only when it changes, not per call.
-        self._breaker_shown: int | None = None
 
     async def admit(self, request: FlowControlRequest, *, lease_ms: int = 0) -> Decision:
         if self.draining:
@@ -78,26 +77,16 @@ class AdmissionService:
         try:
             admission = await self.controller.enqueue_and_wait(request, lease_ms=lease_ms)
         except BreakerOpen:
-            self._store_failed()
             return self._without_store("circuit_open")
         except StoreError as exc:
             log.warning("admission store error: %s", exc)
-            self._store_failed()
             return self._without_store("store_error")
-        self._store_ok()
         return admission
 
-    def _store_failed(self) -> None:
-        self._show_breaker()
-
-    def _store_ok(self) -> None:
-        self._show_breaker()
-
-    def _show_breaker(self) -> None:
-        shown = 1 if self.breaker.is_open else 0
-        if shown != self._breaker_shown:
-            self._breaker_shown = shown
-            self.metrics.breaker_open.set(shown)
+    def _show_breaker(self, is_open: bool) -> None:
+        # Called by the breaker when it opens or closes, whichever call (a request's or a
+        # background loop's) made it change.
+        self.metrics.breaker_open.set(1 if is_open else 0)
 
     def _without_store(self, reason: str) -> Refused | PassThrough:
         mode = self.config.redis.failure_mode
@@ -157,9 +146,7 @@ class AdmissionService:
             released = await self.controller.release(item_id)
         except StoreError as exc:
             log.warning("release of %s deferred: %s", item_id, exc)
-            self._store_failed()
             return TicketResult.UNAVAILABLE
-        self._store_ok()
         return TicketResult.DONE if released else TicketResult.NOT_HELD
 
     async def renew_ticket(self, item_id: str, lease_ms: int) -> TicketResult:
@@ -169,9 +156,7 @@ class AdmissionService:
             renewed = await self.controller.renew(item_id, lease_ms)
         except StoreError as exc:
             log.warning("renew of %s failed: %s", item_id, exc)
-            self._store_failed()
             return TicketResult.UNAVAILABLE
-        self._store_ok()
         return TicketResult.DONE if renewed else TicketResult.NOT_HELD
 
 

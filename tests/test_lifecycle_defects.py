@@ -131,13 +131,15 @@ async def test_heartbeat_loop_survives_an_unexpected_exception(backend: Backend)
     beaten_again = asyncio.Event()
     original = ctrl.store.heartbeat
 
-    async def flaky(lease_ms: int, now: int | None = None, owned: int | None = None) -> Any:
+    async def flaky(
+        lease_ms: int, now: int | None = None, owned: int | None = None, direct: bool = False
+    ) -> Any:
         nonlocal beats
         beats += 1
         if beats == 1:
             raise KeyError("state changed across an await")
         beaten_again.set()
-        return await original(lease_ms, now=now, owned=owned)
+        return await original(lease_ms, now=now, owned=owned, direct=direct)
 
     ctrl.store.heartbeat = flaky  # type: ignore[method-assign]
     ctrl.start_loops()
@@ -276,7 +278,9 @@ async def test_a_replica_that_cannot_renew_its_lease_aborts_what_it_holds(
     await ctrl.start(loops=False)
     stalled = asyncio.Event()
 
-    async def stall(lease_ms: int, now: int | None = None, owned: int | None = None) -> Any:
+    async def stall(
+        lease_ms: int, now: int | None = None, owned: int | None = None, direct: bool = False
+    ) -> Any:
         await stalled.wait()  # Redis does not answer (never set: the call hangs)
 
     try:

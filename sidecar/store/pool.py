@@ -158,6 +158,7 @@ class PoolStore:
         self.replica_id = replica_id
         self.prefix = pool_prefix(config.pool)
         self.breaker = breaker
+        self.epoch = 0  # the pool's epoch as last seen by configure or heartbeat
         self._keys = [self.prefix]
         self._scripts = load_scripts(client)
         self._config_args = encode_config(config)
@@ -252,8 +253,6 @@ class PoolStore:
         self.epoch = int(raw[1])
         return int(raw[0]) == 1
 
-    epoch = 0  # the pool's epoch as last seen by configure or heartbeat
-
     def submit_enqueue(
         self,
         *,
@@ -313,13 +312,20 @@ class PoolStore:
         return self._reply(await asyncio.shield(asyncio.ensure_future(call)))
 
     async def heartbeat(
-        self, lease_ms: int, now: int | None = None, *, owned: int | None = None
+        self,
+        lease_ms: int,
+        now: int | None = None,
+        *,
+        owned: int | None = None,
+        direct: bool = False,
     ) -> Beat:
         """Renews this replica's lease. ``known`` False: the pool did not know the replica (its
         first beat, its lease ran out, or the pool is new: compare ``epoch``). ``owned``: how
-        many items the replica knows it owns, compared with the pool's count."""
+        many items the replica knows it owns, compared with the pool's count. ``direct`` skips
+        the recovery hook (recovery's own beat)."""
         count = "" if owned is None else str(owned)
-        raw = await self._call("heartbeat", now, self.replica_id, lease_ms, count)
+        call = self.call_direct if direct else self._call
+        raw = await call("heartbeat", now, self.replica_id, lease_ms, count)
         beat = Beat(int(raw[0]) == 1, int(raw[1]), len(raw) > 2 and int(raw[2]) == 1)
         self.epoch = beat.epoch
         return beat

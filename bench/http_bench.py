@@ -1,6 +1,6 @@
 """The HTTP benchmark: rows 1, 2, 3 and 5 of the benchmark issue, each side by side in one run.
 
-    python -m bench.http_bench [--quick] [--row1]
+    python -m bench.http_bench [--quick] [--row1] [--rounds N]
 
 Every server runs in a process of its own (uvloop where installed), so the two cores are shared
 the same way in each leg: the fast upstream, the server under test (the sidecar, ``python -m
@@ -20,7 +20,9 @@ round (baseline, sidecar, baseline, sidecar, ...) so the machine's noise hits bo
    to the other's queued request returning from its wait. No baseline: judged absolutely.
 
 The notes add each process's CPU time per HTTP call (from /proc), which the machine's other load
-sways less than requests per second do.
+sways less than requests per second do; row 1's notes also give the bare proxy's CPU per call over
+the sidecar's (what the throughput ratio would be if each proxy had a core to itself). On a shared
+machine the best of 3 rounds swings by about 0.1 between runs: ``--rounds`` takes more.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -69,6 +71,8 @@ pool: bench-http
 saturationDetector: {parameters: {maxConcurrency: 100000}}
 """
 WAKE_POOL = "bench-wake"
+# Names of the watched processes in the notes.
+BARE, SIDECAR = "bare proxy", "sidecar"
 READY_TIMEOUT_S = 30.0
 
 
@@ -262,6 +266,14 @@ class Legs:
             parts[-1] += f" ({label} leg)"
         return f" CPU µs per HTTP call (median of rounds): {'; '.join(parts)}." if parts else ""
 
+    def cpu_ratio(self, base: str, ours: str) -> str:
+        """The baseline's median CPU per call over the sidecar's (a ratio like row 1's)."""
+        base_us = statistics.median(m.cpu_us[base] for m in self.baseline)
+        ours_us = statistics.median(m.cpu_us[ours] for m in self.sidecar)
+        if not (math.isfinite(base_us) and math.isfinite(ours_us)) or ours_us <= 0:
+            return ""
+        return f" CPU per call, {base} / {ours}: {base_us / ours_us:.2f}."
+
     def errors(self) -> str:
         base = sum(m.result.errors for m in self.baseline)
         ours = sum(m.result.errors for m in self.sidecar)
@@ -309,6 +321,7 @@ def throughput_row(legs: Legs, plan: Plan) -> Row:
             f"{plan.rounds} alternating rounds of {plan.duration_s:g} s per leg. "
             + legs.rounds()
             + legs.cpu()
+            + legs.cpu_ratio(BARE, SIDECAR)
             + legs.errors()
         ),
     )
@@ -471,16 +484,21 @@ async def processes() -> AsyncIterator[tuple[RedisProcess, dict[str, Served]]]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def run(quick: bool = False, throughput_only: bool = False) -> list[Row]:
+async def run(
+    quick: bool = False, throughput_only: bool = False, rounds: int | None = None
+) -> list[Row]:
     """Rows 1, 2, 3 and 5; ``quick`` runs each for a moment (a smoke test, not a measurement);
-    ``throughput_only`` stops after row 1 (for iterating on the proxy's hot path)."""
+    ``throughput_only`` stops after row 1 (for iterating on the proxy's hot path); ``rounds``
+    overrides the plan's alternations per row."""
     plan = QUICK if quick else FULL
+    if rounds is not None:
+        plan = replace(plan, rounds=rounds)
     async with processes() as (redis, servers):
         pid = {name: served.proc.pid for name, served in servers.items()}
         redis_pid = redis.proc.pid if redis.proc else -1
-        bare = Target(servers["bare"].url + CHAT_PATH, {"bare proxy": pid["bare"]})
+        bare = Target(servers["bare"].url + CHAT_PATH, {BARE: pid["bare"]})
         sidecar = Target(
-            servers["sidecar"].url + CHAT_PATH, {"sidecar": pid["sidecar"], "Redis": redis_pid}
+            servers["sidecar"].url + CHAT_PATH, {SIDECAR: pid["sidecar"], "Redis": redis_pid}
         )
         throughput = await alternate(plan, bare, sidecar, post=CHAT_BODY)
         if throughput_only:
@@ -503,6 +521,13 @@ async def run(quick: bool = False, throughput_only: bool = False) -> list[Row]:
     ]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.http_bench",
@@ -511,11 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (smoke test)")
     parser.add_argument("--row1", action="store_true", help="only row 1 (proxy throughput)")
+    parser.add_argument(
+        "--rounds",
+        type=_positive,
+        help=f"alternating rounds per row (default {FULL.rounds}; {QUICK.rounds} with --quick)",
+    )
     args = parser.parse_args(argv)
     rows: list[Row] = []
 
     async def go() -> None:
-        rows.extend(await run(quick=args.quick, throughput_only=args.row1))
+        rows.extend(await run(quick=args.quick, throughput_only=args.row1, rounds=args.rounds))
 
     run_loop(go())
     print(markdown_table(rows))

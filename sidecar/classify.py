@@ -46,6 +46,10 @@ OLD_NAMES: Mapping[str, str] = {
     TTL_HEADER: "x-gateway-inference-ttl",
 }
 
+_OLD_OBJECTIVE = OLD_NAMES[OBJECTIVE_HEADER]
+_OLD_FAIRNESS_ID = OLD_NAMES[FAIRNESS_ID_HEADER]
+_OLD_TTL = OLD_NAMES[TTL_HEADER]
+
 # Headers meant for the sidecar alone; stripped before forwarding, under both names. x-request-id is
 # not among them: it travels upstream and is echoed back.
 CONTROL_HEADERS: frozenset[str] = frozenset(
@@ -128,17 +132,31 @@ def classify(
     lower-case keys both work. Raises HeaderError only when ``strict`` is true.
     """
     default_ttl = min(default_ttl_ms, max_ttl_ms)
-    request_id = _or_default(strict, None, _request_id, headers)
-    objective, priority = _or_default(strict, ("", 0), _objective, headers, objectives)
+    # Most classification headers are absent from most requests: one lookup finds that out, and
+    # only a header that is there goes through its parser (which yields the same default when
+    # it is not). This is on every proxied request's path.
+    present = headers.get
+    request_id = None
+    if present(REQUEST_ID_HEADER) is not None:
+        request_id = _or_default(strict, None, _request_id, headers)
+    objective, priority = "", 0
+    if present(OBJECTIVE_HEADER) is not None or present(_OLD_OBJECTIVE) is not None:
+        objective, priority = _or_default(strict, ("", 0), _objective, headers, objectives)
+    fairness_id = DEFAULT_FLOW
+    if present(FAIRNESS_ID_HEADER) is not None or present(_OLD_FAIRNESS_ID) is not None:
+        fairness_id = _or_default(strict, DEFAULT_FLOW, _fairness_id, headers)
+    ttl_ms = default_ttl
+    if present(TTL_HEADER) is not None or present(_OLD_TTL) is not None:
+        ttl_ms = _or_default(strict, default_ttl, _ttl_ms, headers, default_ttl, max_ttl_ms)
     return FlowControlRequest(
         request_id=request_id or (request_id_factory or _new_request_id)(),
-        fairness_id=_or_default(strict, DEFAULT_FLOW, _fairness_id, headers),
+        fairness_id=fairness_id,
         priority=priority,
         byte_size=byte_size,
         pool=pool,
         model=model,
         objective=objective,
-        ttl_ms=_or_default(strict, default_ttl, _ttl_ms, headers, default_ttl, max_ttl_ms),
+        ttl_ms=ttl_ms,
         workload=parse_workload(headers, strict),
     )
 
@@ -149,14 +167,20 @@ def parse_workload(headers: Mapping[str, str], strict: bool) -> WorkloadContext 
     A usable x-workload-context wins over x-workload-id / x-workload-criticality. In lenient mode an
     unusable one is ignored and the separate headers are consulted instead.
     """
-    try:
-        raw = _header(headers, WORKLOAD_CONTEXT_HEADER)
-        if raw is not None:
-            return _decode_context(raw, strict)
-    except HeaderError:
-        if strict:
-            raise
-    criticality = _or_default(strict, DEFAULT_CRITICALITY, _separate_criticality, headers)
+    present = headers.get  # as in classify: absent headers skip their parsers
+    if present(WORKLOAD_CONTEXT_HEADER) is not None:
+        try:
+            raw = _header(headers, WORKLOAD_CONTEXT_HEADER)
+            if raw is not None:
+                return _decode_context(raw, strict)
+        except HeaderError:
+            if strict:
+                raise
+    criticality = DEFAULT_CRITICALITY
+    if present(CRITICALITY_HEADER) is not None:
+        criticality = _or_default(strict, DEFAULT_CRITICALITY, _separate_criticality, headers)
+    if present(WORKLOAD_ID_HEADER) is None:
+        return None
     workload_id = _or_default(strict, None, _id_header, headers, WORKLOAD_ID_HEADER)
     # No usable id means anonymous: never mint one, or every request would create a registry entry.
     return None if workload_id is None else WorkloadContext(workload_id, criticality)

@@ -104,10 +104,12 @@ class AdmissionService:
         """Counts a running request for the drain and frees its slot however it ends.
 
         If the replica loses the slot (its lease lapsed while it was paused or cut off), the
-        request is cancelled: it must not keep running on a slot the pool gave to another."""
+        request is cancelled: it must not keep running on a slot the pool gave to another.
+        ``enter_held`` then ``exit_held`` in a ``finally`` do the same without the context
+        manager (the proxy's hot path)."""
         return Holding(self, admission)
 
-    def _enter_held(self, admission: Admission | None) -> None:
+    def enter_held(self, admission: Admission | None) -> None:
         self.active += 1
         self._idle.clear()
         if admission is not None:
@@ -115,12 +117,16 @@ class AdmissionService:
             if task is not None:
                 self.controller.watch(admission.item_id, task.cancel)
 
-    async def _exit_held(self, admission: Admission | None) -> None:
+    async def exit_held(self, admission: Admission | None) -> None:
         try:
             if admission is not None:
                 # Runs to the end in the store even if this handler is cancelled meanwhile (its
-                # reply may dispatch other requests); a failure is retried later.
-                await self.release(admission.item_id)
+                # reply may dispatch other requests); a failure is retried later. As release(),
+                # without its two layers of coroutines.
+                try:
+                    await self.controller.release(admission.item_id)
+                except StoreError as exc:
+                    log.warning("release of %s deferred: %s", admission.item_id, exc)
         finally:
             self.active -= 1
             if self.active == 0:
@@ -161,8 +167,8 @@ class AdmissionService:
 
 
 class Holding:
-    """``AdmissionService.holding``: a class, not a generator-based context manager, because
-    every proxied request enters one."""
+    """``AdmissionService.holding``: ``enter_held`` and ``exit_held`` as a context manager (a
+    class: a generator-based one costs more). The proxy calls the two directly."""
 
     __slots__ = ("_admission", "_service")
 
@@ -171,11 +177,11 @@ class Holding:
         self._admission = admission
 
     async def __aenter__(self) -> None:
-        self._service._enter_held(self._admission)
+        self._service.enter_held(self._admission)
 
     async def __aexit__(self, *_exc: object) -> None:
         # Never swallows the body's exception (returns None), as the generator form did not.
-        await self._service._exit_held(self._admission)
+        await self._service.exit_held(self._admission)
 
 
 class TicketResult(enum.Enum):

@@ -16,9 +16,9 @@ from sidecar.controller import Admission, FlowController
 from sidecar.errors import StoreError
 from sidecar.http import admin, api
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
-from sidecar.http.limits import body_limit
+from sidecar.http.limits import oversized
 from sidecar.http.outcomes import refusal
-from sidecar.http.proxy import proxy
+from sidecar.http.proxy import BODY_LIMIT_EXEMPT, proxy
 from sidecar.metrics import Metrics
 from sidecar.options import ServeOptions
 from sidecar.outcome import Outcome
@@ -53,6 +53,11 @@ def build_service(config: Config, redis_url: str | None, replica_id: str) -> Adm
 
 
 async def _no_upstream(request: web.Request) -> web.Response:
+    too_big = oversized(
+        request, request.app[SERVICE].config.server.max_request_body, BODY_LIMIT_EXEMPT
+    )
+    if too_big is not None:
+        return too_big
     return refusal(
         Outcome.REJECTED_OTHER.value, "no_upstream", 502, "no --upstream configured", None
     )
@@ -73,9 +78,11 @@ async def upstream_session(app: web.Application) -> AsyncIterator[None]:
 def data_app(
     service: AdmissionService, upstream: str | None, tickets: TicketSigner | None = None
 ) -> web.Application:
-    """``tickets`` None: signed with a per-process secret (sidecar/tickets.py warns)."""
-    limit = body_limit(service.config.server.max_request_body, exempt_prefix=f"{api.PREFIX}/")
-    app = web.Application(client_max_size=1024**3, middlewares=[limit])
+    """``tickets`` None: signed with a per-process secret (sidecar/tickets.py warns).
+
+    No middlewares: each would wrap every proxied request; the handlers that forward a body
+    enforce ``server.maxRequestBody`` themselves (sidecar/http/limits.py ``oversized``)."""
+    app = web.Application(client_max_size=1024**3)
     app[SERVICE] = service
     api.add_routes(app, tickets or ticket_signer(None, service.config.pool))
     if upstream:

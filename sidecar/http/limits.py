@@ -1,10 +1,12 @@
 """Request-body size limits on the data port, enforced before admission.
 
-``body_limit`` refuses with 413 a request whose Content-Length exceeds ``server.maxRequestBody``
-(0 = unlimited) before its handler runs, so an oversized request never takes a queue place. The
-admission API is exempt: its JSON bodies have their own, tighter cap (sidecar/http/api.py), and its
-gateway check never reads a body, while an auth subrequest may carry the original request's
-Content-Length (the gateway enforces its own limit there, e.g. nginx ``client_max_body_size``).
+``oversized`` refuses with 413 a request whose Content-Length exceeds ``server.maxRequestBody``
+(0 = unlimited) before it is classified, so an oversized request never takes a queue place. The
+handlers that forward a body call it first thing (sidecar/http/proxy.py); it is not a middleware,
+which would add a layer to every request. The admission API is exempt: its JSON bodies have their
+own, tighter cap (sidecar/http/api.py), and its gateway check never reads a body, while an auth
+subrequest may carry the original request's Content-Length (the gateway enforces its own limit
+there, e.g. nginx ``client_max_body_size``).
 
 A chunked body has no Content-Length: whoever reads or streams it wraps its chunks in ``capped``,
 which raises BodyTooLarge once the limit is passed.
@@ -15,7 +17,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from sidecar.http.outcomes import refusal
 from sidecar.outcome import Outcome
@@ -41,26 +42,18 @@ def too_large(limit: int) -> web.Response:
     )
 
 
-def body_limit(max_body: int, exempt_prefix: str | None = None) -> Middleware:
-    """The middleware for ``server.maxRequestBody`` (bytes, 0 = unlimited); paths under
-    ``exempt_prefix`` are left to their handlers."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        length = request.content_length
-        if (
-            max_body
-            and length is not None
-            and length > max_body
-            and not (exempt_prefix and request.path.startswith(exempt_prefix))
-        ):
-            response = too_large(max_body)
-            # Close rather than read and discard the unread body to keep the connection.
-            response.force_close()
-            return response
-        return await handler(request)
-
-    return middleware
+def oversized(request: web.Request, max_body: int, exempt_prefix: str) -> web.Response | None:
+    """The 413 for a request whose declared length exceeds ``max_body`` (bytes, 0 = unlimited),
+    None when it may go on; paths under ``exempt_prefix`` are left to their handlers."""
+    if not max_body:
+        return None
+    length = request.content_length
+    if length is None or length <= max_body or request.path.startswith(exempt_prefix):
+        return None
+    response = too_large(max_body)
+    # Close rather than read and discard the unread body to keep the connection.
+    response.force_close()
+    return response
 
 
 async def capped(chunks: AsyncIterable[bytes], limit: int) -> AsyncIterator[bytes]:

@@ -18,9 +18,10 @@ from multidict import CIMultiDict
 
 from sidecar.classify import CONTROL_HEADERS
 from sidecar.controller import Admission
+from sidecar.http.api import PREFIX as API_PREFIX
 from sidecar.http.classifying import classify_request
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
-from sidecar.http.limits import BodyTooLarge, capped, too_large
+from sidecar.http.limits import BodyTooLarge, capped, oversized, too_large
 from sidecar.http.outcomes import (
     FAIL_OPEN,
     OUTCOME_HEADER,
@@ -122,10 +123,20 @@ class UpstreamBroken(Exception):
         self.response = response
 
 
+# The body limit leaves the admission API's paths to their handlers (sidecar/http/limits.py).
+BODY_LIMIT_EXEMPT = f"{API_PREFIX}/"
+_DISPATCHED = Outcome.DISPATCHED.value
+
+
 async def proxy(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
+    config = service.config
+    max_body = config.server.max_request_body
+    too_big = oversized(request, max_body, BODY_LIMIT_EXEMPT)
+    if too_big is not None:
+        return too_big
     started = time.perf_counter()
-    classified = classify_request(request, service.config)
+    classified = classify_request(request, config)
     if isinstance(classified, web.Response):
         _log(request, classified.status, "bad_header", 0, None)
         return classified
@@ -145,25 +156,30 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         wait_ms = decision.wait_ms if isinstance(decision, Admission) else 0
         _log(request, response.status, response.headers[REASON_HEADER], wait_ms, classified)
         return response
-    async with service.holding(admission):
-        return await _forward(request, classified, admission)
+    # service.holding() written out: one context manager fewer on every proxied request.
+    service.enter_held(admission)
+    try:
+        return await _forward(request, classified, admission, int(max_body))
+    finally:
+        await service.exit_held(admission)
 
 
 async def _forward(
-    request: web.Request, classified: FlowControlRequest, admission: Admission | None
+    request: web.Request,
+    classified: FlowControlRequest,
+    admission: Admission | None,
+    max_body: int,
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
+    request_id = classified.request_id
     headers = forwardable(request.headers, CONTROL_HEADERS)
-    headers["x-request-id"] = classified.request_id
-    outcome = Outcome.DISPATCHED.value if admission else FAIL_OPEN
-    wait_ms = admission.wait_ms if admission else 0
-    added = {
-        OUTCOME_HEADER: outcome,
-        WAIT_HEADER: str(wait_ms),
-        "x-request-id": classified.request_id,
-    }
+    headers["x-request-id"] = request_id
+    if admission is not None:
+        outcome, wait_ms = _DISPATCHED, admission.wait_ms
+    else:
+        outcome, wait_ms = FAIL_OPEN, 0
+    added = {OUTCOME_HEADER: outcome, WAIT_HEADER: str(wait_ms), "x-request-id": request_id}
     try:
-        max_body = int(request.app[SERVICE].config.server.max_request_body)
         response = await relay(request, request.app[SESSION], upstream, headers, added, max_body)
     except UpstreamBroken as exc:
         # A second response written into the body would read as a clean end: cut the connection

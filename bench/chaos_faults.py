@@ -17,7 +17,9 @@ from redis.asyncio import Redis
 
 from bench.chaos_load import Generations
 from bench.procs import RedisServer, Replica
+from sidecar.contract import POOL, REPLICAS
 from sidecar.keys import pool_prefix
+from tests.pool_keys import inflight_by_owner
 
 # A pause lasts this much longer than leaseTimeout, so the paused replica's lease surely lapses
 # and the others reclaim its slots (maintenance runs every maintenanceInterval).
@@ -96,25 +98,21 @@ class FaultRunner:
         fault.end = time.monotonic()
 
     async def held_slots(self, replica: Replica) -> int:
-        """In-flight records owned by ``replica`` (records are ``owner|workload``)."""
+        """In-flight slots owned by ``replica`` (under any of its incarnations' ids)."""
         client = Redis.from_url(self.redis.url, socket_timeout=2.0)
         try:
-            records = await client.hvals(self.prefix + "inflight")
+            owners = await inflight_by_owner(client, self.prefix)
         finally:
             await client.aclose()
         mine = replica.name + "-"
-        return sum(
-            1
-            for rec in records
-            if (rec.decode() if isinstance(rec, bytes) else rec).startswith(mine)
-        )
+        return sum(n for owner, n in owners.items() if owner.startswith(mine))
 
 
 async def pool_counts(url: str, pool: str) -> tuple[int, int]:
-    """(in flight, queued) from the pool's stats hash; a missing hash reads as zeros."""
+    """(in flight, queued) from the pool hash; a missing hash reads as zeros."""
     client = Redis.from_url(url, socket_timeout=2.0)
     try:
-        inflight, queued = await client.hmget(pool_prefix(pool) + "stats", ["inflight", "qn"])
+        inflight, queued = await client.hmget(pool_prefix(pool) + POOL, ["inflight", "qn"])
     finally:
         await client.aclose()
     return int(inflight or 0), int(queued or 0)
@@ -125,15 +123,11 @@ async def leftovers(url: str, pool: str) -> str:
     prefix = pool_prefix(pool)
     client = Redis.from_url(url, socket_timeout=2.0, decode_responses=True)
     try:
-        records = await client.hvals(prefix + "inflight")
-        stats = await client.hgetall(prefix + "stats")
-        replicas = await client.zrange(prefix + "replicas", 0, -1)
+        owners = await inflight_by_owner(client, prefix)
+        stats = await client.hgetall(prefix + POOL)
+        replicas = await client.zrange(prefix + REPLICAS, 0, -1)
     finally:
         await client.aclose()
-    owners: dict[str, int] = {}
-    for rec in records:
-        owner = str(rec).split("|", 1)[0]
-        owners[owner] = owners.get(owner, 0) + 1
     held = ", ".join(f"{o}: {n}" for o, n in sorted(owners.items())) or "none"
     return (
         f"stats inflight={stats.get('inflight', 0)} queued={stats.get('qn', 0)}; in-flight records "

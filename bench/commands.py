@@ -8,7 +8,7 @@ quiet, and prints two figures:
   dispatches it (A wakes through its inbox), then A releases it. Counted: A's enqueue, B's
   release, A's inbox pop and A's release.
 
-Each figure is the average over ``--repeats`` admissions; the script calls themselves (EVALSHA)
+Each figure is the average over ``--repeats`` admissions; the script calls themselves (FCALL)
 count as one command each, like every command they run.
 
     python -m bench.commands [--repeats N]
@@ -31,10 +31,10 @@ from bench.redis_bench import command_calls, info, pool_config, request, wait_bl
 from sidecar.controller import FlowController
 from sidecar.store import PoolStore
 from sidecar.store.connect import connect
-from sidecar.store.scripts import SCRIPT_NAMES, script_source
+from sidecar.store.scripts import library
 
 # Commands of the measuring client itself, and the inbox pops a listener re-arms.
-NOT_COUNTED = frozenset({"info", "hello", "client", "script", "echo"})
+NOT_COUNTED = frozenset({"info", "hello", "client", "script", "function", "echo"})
 INBOX_POPS = frozenset({"blpop", "blmpop", "lpop"})
 # The periodic loops must not run inside a counted window.
 QUIET = {"heartbeatInterval": "1h", "leaseTimeout": "2h", "maintenanceInterval": "1h"}
@@ -127,8 +127,8 @@ async def measure(repeats: int) -> tuple[PathCount, PathCount]:
     await server.start()
     probe: Any = Redis.from_url(server.url)
     try:
-        for name in SCRIPT_NAMES:  # loaded up front: a NOSCRIPT retry would count as a command
-            await probe.script_load(script_source(name))
+        # Loaded up front: a "function not found" retry would count as a command.
+        await probe.function_load(library()[1], replace=True)
         return await fast_path(server.url, probe, repeats), await queued_path(
             server.url, probe, repeats
         )

@@ -136,7 +136,7 @@ class DepthPool:
         self.server_us.append((after - before) / steps)
 
     async def check_depth(self) -> None:
-        stats = await self.store.client.hgetall(self.store.key("stats"))
+        stats = await self.store.client.hgetall(self.store.key("pool"))
         qn, inflight = int(stats.get(b"qn", 0)), int(stats.get(b"inflight", 0))
         if (qn, inflight) != (self.depth, 1):
             raise BenchError(

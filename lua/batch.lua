@@ -14,15 +14,15 @@
 ]]
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
-local now, caller = clock(ARGV[1]), ARGV[2]
+local caller = ARGV[2]
 local replies, i = {}, 3
 while i <= #ARGV do
   if ARGV[i] == 'e' then
-    replies[#replies + 1] = op_enqueue(now, caller, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
+    replies[#replies + 1] = op_enqueue(clock(ARGV[1]), caller, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
       tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]))
     i = i + 8
   elseif ARGV[i] == 'r' then
-    replies[#replies + 1] = op_release(now, caller, ARGV[i + 1])
+    replies[#replies + 1] = op_release(ARGV[1], caller, ARGV[i + 1])
     i = i + 2
   else
     -- What ran before stays done, as it would have without the bad operation.

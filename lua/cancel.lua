@@ -20,9 +20,11 @@ local now = clock(ARGV[1])
 local caller, id, reason = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local function cancel(out)
   if drop_queued(id, now) then return reply(reason, id, '', out) end
-  if rcall('HEXISTS', K_INFLIGHT, id) == 1 then
+  local num = owner_known(caller)
+  local held = num and rcall('HEXISTS', K_HELD .. num, id) == 1
+  if held or rcall('HEXISTS', K_LEASED, id) == 1 then
     if reason == S_EVICTED_CANCELLED then
-      release_item(id, now)
+      release_item(caller, id)
       dispatch_ready(caller, now, out)
       return reply(S_DISPATCHED, id, 'released', out)
     end

@@ -1,7 +1,7 @@
 --[[
   Write the pool's configuration, read by every other script. Each replica runs it at start and
   whenever a script answers 'no config' (Redis restarted empty). The pool's epoch (time origin) and
-  sequence survive reconfiguration; a fresh pool starts its sequence at epoch*1000 so item ids never
+  sequence and counters (the same hash) survive reconfiguration; a fresh pool starts its sequence at epoch*1000 so item ids never
   repeat those of an earlier incarnation that replicas may still re-register. A fresh pool also
   holds dispatch for the recovery hold: if Redis lost the pool's data, replicas still run requests
   they were admitted for, and none may be admitted before those are counted again (reregister.lua).
@@ -16,7 +16,8 @@
     { 1, epoch } fresh pool, { 0, epoch } updated, { -2, band } refused: that band has queued items and the new
     configuration changes its fairness or ordering policy (its queue structures would be orphaned).
 ]]
--- @include config
+-- @include items
+-- @include counters
 local abs
 if ARGV[1] ~= '' then
   abs = tonumber(ARGV[1])
@@ -27,28 +28,35 @@ end
 local new = {}
 for i = 2, #ARGV - 1, 2 do new[ARGV[i]] = ARGV[i + 1] end
 
-local old = rcall('HMGET', K_CFG, 'epoch', 'hold')
-local epoch, hold = old[1], old[2] or '0'
+local epoch, hold = POOL.epoch, POOL.hold or '0'
 local fresh = not epoch
 if not fresh then
-  for _, band in ipairs(rcall('ZRANGE', K_BANDS, 0, -1)) do
-    local old = band_cfg(band)
-    -- An unlisted negative band follows the negative template when there is one (as band_cfg).
-    local template = (tonumber(band) or 0) < 0 and new[CFG_BAND_NEGATIVE] or nil
-    local now_cfg = parse_band(new[CFG_BAND .. band] or template or new[CFG_BAND_DEFAULT])
-    if old.fair ~= now_cfg.fair or old.order ~= now_cfg.order then return { S_CONFLICT, band } end
+  for field, n in pairs(POOL) do
+    if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and n ~= '0' then
+      local band = string.sub(field, #BAND_QUEUED + 1)
+      local old = band_cfg(band)
+      -- An unlisted negative band follows the negative template when there is one (as band_cfg).
+      local template = (tonumber(band) or 0) < 0 and new[CFG_BAND_NEGATIVE] or nil
+      local now_cfg = parse_band(new[CFG_BAND .. band] or template or new[CFG_BAND_DEFAULT])
+      if old.fair ~= now_cfg.fair or old.order ~= now_cfg.order then return { S_CONFLICT, band } end
+    end
+  end
+  -- Band records the new configuration no longer lists.
+  for field in pairs(POOL) do
+    if string.sub(field, 1, #CFG_BAND) == CFG_BAND and not new[field] then pool_del(field) end
   end
 else
   epoch = int(abs)
-  rcall('HSETNX', K_STATS, 'seq', int(abs * 1000))
   hold = int(tonumber(new['recover'] or '0'))
+  -- Ids continue from epoch*1000, so they never repeat those of an earlier incarnation.
+  local seq = abs * 1000
+  pool_set('seq', int(seq))
+  pool_set('ilo', int(item_bucket(seq)))
+  pool_set('dl0', '0')
 end
-rcall('DEL', K_CFG)
-local args = { 'epoch', epoch, 'hold', hold }
-for k, v in pairs(new) do
-  args[#args + 1] = k
-  args[#args + 1] = v
-end
-rcall('HSET', K_CFG, unpack(args))
+pool_set('epoch', epoch)
+pool_set('hold', hold)
+for k, v in pairs(new) do pool_set(k, v) end
+flush_pool()
 if fresh then return { 1, epoch } end
 return { 0, epoch }

@@ -22,7 +22,8 @@
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, grace = ARGV[2], tonumber(ARGV[3])
-local own = K_OWN .. replica
+local num = owner_num(replica)
+local hk = K_HELD .. num
 local held, queued, i = {}, {}, 5
 for _ = 1, tonumber(ARGV[4]) do
   held[ARGV[i]] = ARGV[i + 1]
@@ -34,29 +35,38 @@ while i <= #ARGV do
 end
 
 local released, readded, dropped = 0, 0, 0
-for _, id in ipairs(rcall('SMEMBERS', own)) do
-  if not held[id] and not queued[id] then
-    local raw = rcall('HGET', K_INFLIGHT, id)
-    if raw then
-      if now - (parse_inflight(raw).since or 0) >= grace then
-        release_item(id, now)
-        released = released + 1
-      end
-    else
-      local q = rcall('HGET', K_ITEMS, id)
-      if not q then
-        rcall('SREM', own, id)
-      elseif now - parse_item(q).enq >= grace then
+local v = rcall('HGETALL', hk)
+for j = 1, #v, 2 do
+  local id = v[j]
+  if not held[id] and not queued[id] and now - (parse_held(v[j + 1]).since or 0) >= grace then
+    release_held(num, id)
+    released = released + 1
+  end
+end
+
+-- Queued items of the replica that it is not waiting for, found by scanning the item buckets
+-- (bounded: a few thousand buckets; this runs only after writes were lost).
+if owner_queued(num) > 0 then
+  local top = item_bucket(stats().seq)
+  local bucket, scanned = tonumber(POOL.ilo) or top, 0
+  while bucket <= top and scanned < 4096 do
+    local items = rcall('HGETALL', K_ITEMS .. int(bucket))
+    for j = 1, #items, 2 do
+      local rec = parse_item(items[j + 1])
+      local id = item_id(bucket * ITEM_BUCKET + tonumber(items[j]))
+      if rec.owner == tonumber(num) and not queued[id] and not held[id]
+        and now - rec.enq >= grace then
         drop_queued(id, now)
         dropped = dropped + 1
       end
     end
+    bucket, scanned = bucket + 1, scanned + 1
   end
 end
 
 for id, wid in pairs(held) do
-  if rcall('HEXISTS', K_INFLIGHT, id) == 0 then
-    local q = rcall('HGET', K_ITEMS, id)
+  if rcall('HEXISTS', hk, id) == 0 and rcall('HEXISTS', K_LEASED, id) == 0 then
+    local q = item_get(id)
     if q then
       -- Its dispatch was lost but the request runs: out of the queue, into the count. Its
       -- workload's active count already includes it.
@@ -67,18 +77,14 @@ for id, wid in pairs(held) do
       wid = track(wid, now)
       add_active(wid, 1)
     end
-    rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
-    stat_add('inflight', 1)
-    rcall('SADD', own, id)
+    hold_slot(num, id, wid, now)
     readded = readded + 1
   end
 end
 
 local missing = {}
 for id in pairs(queued) do
-  if rcall('HEXISTS', K_ITEMS, id) == 0 and rcall('HEXISTS', K_INFLIGHT, id) == 0 then
-    missing[#missing + 1] = id
-  end
+  if not item_get(id) and rcall('HEXISTS', hk, id) == 0 then missing[#missing + 1] = id end
 end
 
 local out = {}

@@ -11,6 +11,6 @@
 ]]
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
-local r = op_release(clock(ARGV[1]), ARGV[2], ARGV[3])
+local r = op_release(ARGV[1], ARGV[2], ARGV[3])
 flush_state()
 return r

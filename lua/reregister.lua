@@ -12,25 +12,25 @@
   Output:
     { number of slots added }, or { -1 } no config.
 ]]
--- @include registry
+-- @include dispatch
 if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, added = ARGV[2], 0
+local num = owner_num(replica)
 for i = 3, #ARGV - 2, 3 do
   local id, wid, lease = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  if rcall('HEXISTS', K_INFLIGHT, id) == 0 then
+  if rcall('HEXISTS', K_HELD .. num, id) == 0 and rcall('HEXISTS', K_LEASED, id) == 0 then
     wid = track(wid, now)
     if lease > 0 then
-      rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now, 1))
+      rcall('HSET', K_LEASED, id, encode_leased(replica, wid, now))
+      rcall('ZADD', K_LEASES, int(now + lease), id)
+      stat_add('inflight', 1)
     else
-      rcall('HSET', K_INFLIGHT, id, encode_inflight(replica, wid, now))
+      hold_slot(num, id, wid, now)
     end
-    rcall('HINCRBY', K_STATS, 'inflight', 1)
     add_active(wid, 1)
     added = added + 1
-    if lease > 0 then rcall('ZADD', K_LEASES, int(now + lease), id) end
   end
-  if lease == 0 then rcall('SADD', K_OWN .. replica, id) end
 end
-flush_workloads()
+flush_state()
 return { added }

@@ -25,35 +25,33 @@ class KeySpec(NamedTuple):
     fields: tuple[str, ...] = ()  # a hash's fixed field names (empty: fields are ids)
 
 
-CFG = "cfg"
-STATS = "stats"
-ITEMS = "items"
-INFLIGHT = "inflight"
-DEADLINES = "deadlines"
+POOL = "pool"
+ITEMS = "items:"
+HELD = "held:"
+LEASED = "leased"
 LEASES = "leases"
-BANDS = "bands"
-BAND = "band:"
+DEADLINES = "dl:"
 RANK = "rank:"
+GROUP = "wrank:"
 FLOWS = "flows:"
-FLOWLEN = "flowlen"
-RRCURSOR = "rrcursor"
 LANE = "lane:"
 WORKLOAD = "w:"
 ANON = "anon"
-WLANES = "wlanes:"
 WORKLOADS = "workloads"
-RERANK = "rerank"
 REPLICAS = "replicas"
-OWN = "own:"
 INBOX = "inbox:"
 
 # Fields of the workload counters (w:<workload> and anon): the rate window's bucket index, its
-# count and the previous bucket's, the EMA of waits (s), dispatches, queued + in flight.
-WORKLOAD_FIELDS = ("bi", "c", "p", "ema", "n", "active")
-# Fields of stats: queued count and bytes, in-flight count, item sequence, next maintenance time.
-STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint")
-BAND_COUNT_FIELDS = ("n", "bytes")
-# Fixed fields of cfg; besides them, 'band:<priority>', 'band:*' and 'band:-*' hold band records.
+# count and the previous bucket's, the EMA of waits (s), dispatches, queued + in flight, last
+# request (ms). Besides them, a workload hash names its best queued workload-aware lane in each
+# ranking set it has lanes in: WGROUP_FIELD + ranking set suffix ('<priority>' or
+# '<priority>:<flow>') -> BEST record ('' once the group emptied, until maintenance).
+WORKLOAD_FIELDS = ("bi", "c", "p", "ema", "n", "active", "t")
+WGROUP_FIELD = "g:"
+# The pool hash holds the configuration and the pool's counters together, so a script reads
+# both with one HGETALL and writes what changed with one HSET.
+# Configuration fields (configure.lua); besides them, 'band:<priority>', 'band:*' and 'band:-*'
+# hold band records.
 CFG_FIELDS = (
     "epoch",
     "hold",
@@ -66,32 +64,62 @@ CFG_FIELDS = (
     "maxTracked",
     "recover",
 )
-CFG_BAND = "band:"  # cfg field stem: band:<priority> holds that band's BAND_CONFIG record
+# Counter fields: queued count and bytes, in-flight count, item sequence, next maintenance time,
+# replica number sequence, next deadline second to sweep, lowest item bucket that may hold a
+# queued item.
+STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo")
+CFG_BAND = "band:"  # band:<priority> holds that band's BAND_CONFIG record
 CFG_BAND_DEFAULT = CFG_BAND + "*"  # the template of unlisted bands
 CFG_BAND_NEGATIVE = CFG_BAND + "-*"  # the template of unlisted negative bands, when configured
+# Per-band counter stems: queued count, queued bytes ('0' once the band emptied), and the flow a
+# round-robin band served last.
+BAND_QUEUED = "n:"
+BAND_BYTES = "b:"
+RR_CURSOR = "rr:"
+# Per-replica stems. Replicas are interned: REPLICA_NUMBER + replica id -> its number, and
+# OWNER_ID + number -> the id, so records name their owner by a short number; a number is never
+# reused, so a replica that comes back after it was presumed dead starts afresh under a new one.
+# OWNER_QUEUED + number: queued items it owns; RECLAIM + number: the next item bucket to scan
+# while a presumed-dead owner's queued items are dropped (maintain.lua).
+REPLICA_NUMBER = "r:"
+OWNER_ID = "o:"
+OWNER_QUEUED = "q:"
+RECLAIM = "x:"
+POOL_STEMS = (
+    CFG_BAND,
+    BAND_QUEUED,
+    BAND_BYTES,
+    RR_CURSOR,
+    REPLICA_NUMBER,
+    OWNER_ID,
+    OWNER_QUEUED,
+    RECLAIM,
+)
+# Queued item records live in hashes of ITEM_BUCKET consecutive ids (items:<seq div N>, field
+# <seq mod N>), small enough to stay listpacks.
+ITEM_BUCKET = 128
+# Deadline buckets (dl:<second>) expire this long after their second: the sweep never needs them
+# later, since owners evict their own items on time and a dead owner's are reclaimed.
+DEADLINE_KEEP_MS = 120_000
 
 KEYS: tuple[KeySpec, ...] = (
-    KeySpec("CFG", CFG, "hash", "pool configuration written by configure.lua", CFG_FIELDS),
     KeySpec(
-        "STATS",
-        STATS,
+        "POOL",
+        POOL,
         "hash",
-        "queued count/bytes, in flight, sequence, maintenance clock",
-        STATS_FIELDS,
+        "configuration (configure.lua) and counters: queued, in flight, sequence, per band, "
+        "per replica",
+        CFG_FIELDS + STATS_FIELDS,
     ),
-    KeySpec("ITEMS", ITEMS, "hash", "queued item id -> item record (ITEM)"),
+    KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
+    KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),
+    KeySpec("LEASED", LEASED, "hash", "slots held by tickets (gateways) -> LEASED record"),
+    KeySpec("LEASES", LEASES, "zset", "ticket-held item ids by lease expiry (ms)"),
     KeySpec(
-        "INFLIGHT", INFLIGHT, "hash", "in-flight item id -> in-flight record (INFLIGHT_RECORD)"
-    ),
-    KeySpec("DEADLINES", DEADLINES, "zset", "queued item ids by TTL deadline (ms)"),
-    KeySpec("LEASES", LEASES, "zset", "externally held in-flight item ids by lease expiry (ms)"),
-    KeySpec("BANDS", BANDS, "zset", "priority bands that hold queued items, scored by priority"),
-    KeySpec(
-        "BAND",
-        BAND,
-        "hash",
-        "band:<priority>: the band's queued count and bytes",
-        BAND_COUNT_FIELDS,
+        "DEADLINES",
+        DEADLINES,
+        "list",
+        "dl:<second>: ids queued with their TTL deadline in that second (stale ids skipped)",
     ),
     KeySpec(
         "RANK",
@@ -101,47 +129,52 @@ KEYS: tuple[KeySpec, ...] = (
         "their head's key, members RANK_MEMBER",
     ),
     KeySpec(
+        "GROUP",
+        GROUP,
+        "zset",
+        "wrank:<ranking set suffix>|<workload>: a workload's workload-aware lanes in one ranking "
+        "set, by their head's part of the key (WorkloadAwareOrdering.head_key), members "
+        "RANK_MEMBER; the ranking set holds only the best of them",
+    ),
+    KeySpec(
         "FLOWS",
         FLOWS,
         "zset",
         "flows:<priority>: flows of a round-robin band with queued items (lexicographic rotation)",
     ),
-    KeySpec("FLOWLEN", FLOWLEN, "hash", "flow id (FLOW record) -> its queued count"),
-    KeySpec("RRCURSOR", RRCURSOR, "hash", "priority -> the flow a round-robin band served last"),
-    KeySpec("LANE", LANE, "zset", "lane:<lane id>: a lane's item ids in dispatch order"),
     KeySpec(
-        "W", WORKLOAD, "hash", "w:<workload>: registry counters of one workload", WORKLOAD_FIELDS
+        "LANE",
+        LANE,
+        "list",
+        "lane:<lane id>: a lane's item ids in dispatch order (a zset by deadline for edf)",
+    ),
+    KeySpec(
+        "W",
+        WORKLOAD,
+        "hash",
+        "w:<workload>: registry counters of one workload, and its best lanes",
+        WORKLOAD_FIELDS,
     ),
     KeySpec("ANON", ANON, "hash", "aggregate counters of anonymous traffic", WORKLOAD_FIELDS),
-    KeySpec(
-        "WLANES",
-        WLANES,
-        "hash",
-        "wlanes:<workload>: the workload's queued lanes -> their rank members (re-ranking)",
-    ),
     KeySpec(
         "WORKLOADS",
         WORKLOADS,
         "zset",
-        "tracked workloads by last activity (ms), for idle expiry and the cap",
+        "tracked workloads, for idle expiry and the cap; scored when first tracked or last "
+        "found active (the hash's t is the last request)",
     ),
-    KeySpec("RERANK", RERANK, "set", "workloads with queued workload-aware lanes (maintenance)"),
     KeySpec("REPLICAS", REPLICAS, "zset", "replica ids by lease expiry (ms)"),
-    KeySpec("OWN", OWN, "set", "own:<replica>: item ids (queued or in flight) a replica owns"),
     KeySpec("INBOX", INBOX, "list", "inbox:<replica>: wake-ups (DELIVERY) for a replica"),
 )
 
 
-def band_key(priority: int | str) -> str:
-    return f"{BAND}{priority}"
-
-
 RANK_FLOW_SEP = ":"  # rank:<priority>:<flow>
+GROUP_SEP = "|"  # wrank:<ranking set suffix>|<workload>
 
 
 def rank_key(priority: int | str, flow: str | None = None) -> str:
     """The ranking set of a band (global-strict) or of one of its flows (round-robin); ``flow``
-    is the escaped id, as it appears in FLOW records."""
+    is the escaped id, as it appears in lane ids."""
     return f"{RANK}{priority}" if flow is None else f"{RANK}{priority}{RANK_FLOW_SEP}{flow}"
 
 
@@ -150,8 +183,13 @@ def workload_key(escaped_id: str) -> str:
     return WORKLOAD + escaped_id if escaped_id else ANON
 
 
-def own_key(replica: str) -> str:
-    return OWN + replica
+def held_key(owner_number: int | str) -> str:
+    return f"{HELD}{owner_number}"
+
+
+def items_key(seq: int) -> tuple[str, str]:
+    """The bucket hash and field of a queued item's record."""
+    return f"{ITEMS}{seq // ITEM_BUCKET}", str(seq % ITEM_BUCKET)
 
 
 def inbox_key(replica: str) -> str:
@@ -224,29 +262,35 @@ def _record(name: str, spec: str, required: int | None = None) -> Record:
     return Record(name, fields, len(fields) if required is None else required)
 
 
-# A queued item (items hash). Times are ms relative to the pool's epoch.
-ITEM = _record(
-    "item",
-    "owner:s band:s flow:s wid:s crit:i bytes:i enq:i deadline:i lease:i",
-)
-# An in-flight slot (inflight hash): who holds it, for which workload, dispatched when; leased is 1
-# when the slot may have an entry in the leases zset (a ticket, or a renewed slot), so releasing a
-# slot without it does no lease work.
-INFLIGHT_RECORD = _record("inflight", "owner:s wid:s since:i leased:i", required=3)
+# A queued item (items:<bucket> hash): its owner's number, its lane's parts, size, enqueue time
+# (ms relative to the pool's epoch), TTL and ticket lease (ms). Short, so buckets stay listpacks.
+ITEM = _record("item", "owner:i band:s flow:s wid:s crit:i bytes:i enq:i ttl:i lease:i")
+# A slot a replica holds (held:<owner number>): for which workload, dispatched when.
+HELD_RECORD = _record("held", "wid:s since:i")
+# A slot a ticket holds (leased hash): the replica that issued it, the workload, since when.
+LEASED_RECORD = _record("leased", "owner:s wid:s since:i")
 # An outcome for a replica's item, in a reply or its inbox.
 DELIVERY = _record("delivery", "id:s status:i wait:i")
-# A flow (flowlen field): also the lane id of an fcfs or edf lane, which holds the whole flow.
-FLOW = _record("flow", "band:s flow:s")
 # A lane id: 'band|flow' (fcfs, edf) or 'band|flow|workload|criticality' (workload-aware).
 LANE_ID = _record("lane", "band:s flow:s wid:s crit:i", required=2)
-# A band's configuration (cfg field band:<priority>): policy codes, caps, then the
+# A band's configuration (pool field band:<priority>): policy codes, caps, then the
 # workload-aware policy's numbers (WorkloadAwareOrdering.lua_parameters, zeros otherwise).
 BAND_CONFIG = _record(
     "band", "fair:s order:s maxReq:i maxBytes:i wW:f cW:f rW:f maxWait:f maxRate:f aging:f"
 )
 # What reconcile.lua did: in-flight items released, held slots re-added, queued items dropped.
 RECONCILED = _record("reconciled", "released:i readded:i dropped:i")
-RECORDS = (ITEM, INFLIGHT_RECORD, DELIVERY, FLOW, LANE_ID, BAND_CONFIG, RECONCILED)
+RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED)
+
+
+def split_best(raw: str) -> tuple[float, str]:
+    """A workload's best lane in one ranking set (WGROUP_FIELD fields): 'key|rank member', its
+    head part of the key and its rank member (which holds SEP itself, so only the first one
+    splits; includes/registry.lua parse_best is the Lua twin)."""
+    key, _, member = raw.partition(SEP)
+    return float(key), member
+
+
 # Separates the ids in a reply field that lists several (reconcile.lua's missing ids).
 ID_LIST_SEP = ","
 BAND_POLICY_NUMBERS = len(BAND_CONFIG.fields) - 4

@@ -83,14 +83,18 @@ def _text(value: Any) -> str:
 async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = None) -> PoolState:
     client, cfg = store.client, store.config
     rel_now = await store.pool_time(now)
-    stats = await client.hgetall(store.key(contract.STATS))
-    stats = {_text(k): v for k, v in stats.items()}
-    cfg_limit = _int(await client.hget(store.key(contract.CFG), "limit")) or cfg.max_concurrency
-    inflight = _int(stats.get("inflight"))
-    bands = [
-        await _band(store, int(_text(b)), limit)
-        for b in await client.zrevrange(store.key(contract.BANDS), 0, -1)
-    ]
+    pool = {_text(k): _text(v) for k, v in (await client.hgetall(store.key(contract.POOL))).items()}
+    cfg_limit = _int(pool.get("limit")) or cfg.max_concurrency
+    inflight = _int(pool.get("inflight"))
+    queued_bands = sorted(
+        (
+            int(field[len(contract.BAND_QUEUED) :])
+            for field, n in pool.items()
+            if field.startswith(contract.BAND_QUEUED) and n != "0"
+        ),
+        reverse=True,
+    )
+    bands = [await _band(store, pool, priority, limit) for priority in queued_bands]
     window_ms = round(cfg.workload_registry.request_rate_window * 1000)
     default_policy = cfg.band(0).ordering
     workloads = []
@@ -111,15 +115,19 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
     replicas = []
     replica_set = store.key(contract.REPLICAS)
     for rid, expiry in await client.zrange(replica_set, 0, limit - 1, withscores=True):
-        owned = await client.scard(store.key(contract.own_key(_text(rid))))
+        number = pool.get(contract.REPLICA_NUMBER + _text(rid))
+        owned = 0
+        if number is not None:
+            held = await client.hlen(store.key(contract.held_key(number)))
+            owned = held + _int(pool.get(contract.OWNER_QUEUED + number))
         replicas.append(ReplicaState(_text(rid), int(expiry) - rel_now, owned))
     return PoolState(
         pool=cfg.pool,
         max_concurrency=cfg_limit,
         inflight=inflight,
         saturation=inflight / cfg_limit if cfg_limit else 0.0,
-        queued=_int(stats.get("qn")),
-        queued_bytes=_int(stats.get("qbytes")),
+        queued=_int(pool.get("qn")),
+        queued_bytes=_int(pool.get("qbytes")),
         bands=bands,
         workloads=workloads,
         replicas=replicas,
@@ -127,36 +135,48 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
     )
 
 
-async def _band(store: PoolStore, priority: int, limit: int) -> BandState:
+async def _band(store: PoolStore, pool: dict[str, str], priority: int, limit: int) -> BandState:
     client = store.client
     band = store.config.band(priority)
-    counts = await client.hgetall(store.key(contract.band_key(priority)))
-    counts = {_text(k): v for k, v in counts.items()}
-    # Keys hold escaped flow ids; only what is shown is unescaped.
-    escaped_flows: list[tuple[str, int]] = []
-    for key, n in (await client.hgetall(store.key(contract.FLOWLEN))).items():
-        flow = contract.FLOW.parse(_text(key))
-        if flow["band"] == str(priority):
-            escaped_flows.append((flow["flow"], int(n)))
-    flows = sorted(
-        (FlowState(unescape_id(flow), n) for flow, n in escaped_flows), key=lambda f: f.flow
-    )
-    ranksets = (
-        [store.key(contract.rank_key(priority, flow)) for flow, _ in escaped_flows]
-        if isinstance(band.fairness, RoundRobinFairness)
-        else [store.key(contract.rank_key(priority))]
-    )
-    lanes = []
+    round_robin = isinstance(band.fairness, RoundRobinFairness)
+    if round_robin:
+        escaped = [
+            _text(f) for f in await client.zrange(store.key(contract.FLOWS + str(priority)), 0, -1)
+        ]
+        ranksets = [store.key(contract.rank_key(priority, flow)) for flow in escaped]
+    else:
+        ranksets = [store.key(contract.rank_key(priority))]
+    # Keys hold escaped flow ids; only what is shown is unescaped. A flow's queued count is the
+    # sum of its lanes' lengths (bounded, like every list here, so a huge pool stays cheap).
+    members: list[tuple[str, float]] = []
     for rankset in ranksets:
-        for member, key in await client.zrange(rankset, 0, limit - 1, withscores=True):
-            lanes.append(
-                _lane(_text(member), float(key), isinstance(band.ordering, WorkloadAwareOrdering))
-            )
+        ranked = await client.zrange(rankset, 0, 10 * limit - 1, withscores=True)
+        members += [(_text(m), float(k)) for m, k in ranked]
+    lanes = [_lane(m, k, isinstance(band.ordering, WorkloadAwareOrdering)) for m, k in members]
+    # A ranking set holds a workload's best lane per set; its group holds all of them.
+    every = {m for m, _ in members}
+    for member, _ in members:
+        parts = contract.LANE_ID.parse(contract.split_rank_member(member)[1])
+        if parts.get("wid"):
+            suffix = str(priority) + (contract.RANK_FLOW_SEP + parts["flow"] if round_robin else "")
+            group = store.key(contract.GROUP + suffix + contract.GROUP_SEP + parts["wid"])
+            every |= {_text(m) for m in await client.zrange(group, 0, 10 * limit - 1)}
+    per_flow: dict[str, int] = {}
+    for member in sorted(every):
+        lane_id = contract.split_rank_member(member)[1]
+        lane_key = store.key(contract.LANE + lane_id)
+        kind = _text(await client.type(lane_key))
+        n = await (client.zcard(lane_key) if kind == "zset" else client.llen(lane_key))
+        flow = contract.LANE_ID.parse(lane_id)["flow"]
+        per_flow[flow] = per_flow.get(flow, 0) + int(n)
+    flows = sorted(
+        (FlowState(unescape_id(f), n) for f, n in per_flow.items()), key=lambda f: f.flow
+    )
     lanes.sort(key=lambda lane: lane.rank_key)
     return BandState(
         priority=priority,
-        queued=_int(counts.get("n")),
-        queued_bytes=_int(counts.get("bytes")),
+        queued=_int(pool.get(contract.BAND_QUEUED + str(priority))),
+        queued_bytes=_int(pool.get(contract.BAND_BYTES + str(priority))),
         fairness=band.fairness.type_name,
         ordering=band.ordering.type_name,
         flows=flows,

@@ -117,7 +117,7 @@ class Run:
         """The pool's counts and every workload's registry entry, field by field."""
         store = self.stores[REPLICAS[0]]
         pipe = store.client.pipeline(transaction=False)
-        pipe.hmget(store.key("stats"), "qn", "qbytes", "inflight", "seq")
+        pipe.hmget(store.key("pool"), "qn", "qbytes", "inflight", "seq")
         for wid in WORKLOADS:
             pipe.hmget(
                 store.key("w:" + wid if wid else "anon"), "bi", "c", "p", "ema", "n", "active"

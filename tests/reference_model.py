@@ -9,7 +9,11 @@ Staleness is modelled as DESIGN.md §4 allows it: a lane's rank key is the head'
 computed at the last event that changed it, namely the lane getting a new head, its workload's
 counters changing (a request counted, a dispatch's wait recorded) or a maintenance tick. Between
 those events a workload's request rate decays while its lanes keep their old keys, exactly as in
-the sorted sets. Times are ms relative to the pool's epoch; item ids are the scripts' ids.
+the sorted sets. A workload's workload-aware lanes in one ranking set form a group, ranked by its
+best lane (the lowest head part of the key, WorkloadAwareOrdering.head_key): the group's key is
+the workload part at the last time the group's best changed or its workload was re-ranked, plus
+the best lane's head part (lua/includes/lanes.lua). Times are ms relative to the pool's epoch;
+item ids are the scripts' ids.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from sidecar.registry import ema_update, window_rate
 
 # A lane: (band, flow) for fcfs and edf; (band, flow, workload, criticality) for workload-aware.
 LaneId = tuple[object, ...]
+# A group: (band, flow under round-robin else '', workload).
+GroupId = tuple[int, str, str]
 # At most this many dead replicas are reclaimed per maintenance run (lua/maintain.lua).
 RECLAIM_REPLICAS = 10
 
@@ -102,8 +108,11 @@ class PoolModel:
     own: dict[str, set[str]] = field(default_factory=dict)
     replicas: dict[str, int] = field(default_factory=dict)
     workloads: dict[str, Counters] = field(default_factory=dict)
-    # Lane -> (rank key, head id): what the lane's ranking set entry holds.
+    # Lane -> (rank key, head id): what the lane's ranking set entry holds; for a grouped lane
+    # (workload-aware, tracked workload) the head part of the key, as its group's zset holds it.
     rank: dict[LaneId, tuple[float, str]] = field(default_factory=dict)
+    # Group -> (rank key, best head id, best lane): the group's entry in its ranking set.
+    groups: dict[GroupId, tuple[float, str, LaneId]] = field(default_factory=dict)
     cursors: dict[int, str] = field(default_factory=dict)
     maintenance_due: float = -math.inf
 
@@ -167,18 +176,56 @@ class PoolModel:
                           workload_id=head.wid, criticality=head.crit, flow=head.flow)  # fmt: skip
         return policy.sort_key(item, self.metrics(head.wid, now))
 
+    @staticmethod
+    def _grouped(lane: LaneId) -> bool:
+        return len(lane) == 4 and bool(lane[2])
+
+    def _group_of(self, lane: LaneId) -> GroupId:
+        rr = isinstance(self._band(int(str(lane[0]))).fairness, RoundRobinFairness)
+        return (int(str(lane[0])), str(lane[1]) if rr else "", str(lane[2]))
+
+    def _wa(self, band: int) -> WorkloadAwareOrdering:
+        policy = self._band(band).ordering
+        assert isinstance(policy, WorkloadAwareOrdering)
+        return policy
+
+    def _head_key(self, head: Item) -> float:
+        item = QueuedItem(seq=head.seq, enqueued_ms=head.enq, deadline_ms=head.deadline,
+                          workload_id=head.wid, criticality=head.crit, flow=head.flow)  # fmt: skip
+        return self._wa(head.band).head_key(item)
+
     def _rank_lane(self, lane: LaneId, now: int) -> None:
         head = self._head(lane)
         if head is None:
             self.rank.pop(lane, None)
+        elif self._grouped(lane):
+            self.rank[lane] = (self._head_key(head), head.id)
         else:
             self.rank[lane] = (self._key(head, now), head.id)
+        if self._grouped(lane):
+            self._refresh_group(self._group_of(lane), now)
+
+    def _refresh_group(self, gid: GroupId, now: int) -> None:
+        """The group's entry follows its best lane; it is rewritten only when the best changes."""
+        members = [
+            (key, head, lane)
+            for lane, (key, head) in self.rank.items()
+            if self._grouped(lane) and self._group_of(lane) == gid
+        ]
+        best = min(members, default=None, key=lambda m: (m[0], m[1]))
+        current = self.groups.get(gid)
+        if best is None:
+            self.groups.pop(gid, None)
+        elif current is None or current[1] != best[1]:
+            part = self._wa(gid[0]).workload_key(self.metrics(gid[2], now))
+            self.groups[gid] = (part + best[0], best[1], best[2])
 
     def _rerank_workload(self, wid: str, now: int) -> None:
-        """Every queued workload-aware lane of ``wid`` gets its key at ``now``."""
-        for lane, (_, head) in self.rank.items():
-            if len(lane) == 4 and lane[2] == wid:
-                self.rank[lane] = (self._key(self.queued[head], now), head)
+        """Every group of ``wid`` gets its workload part at ``now``."""
+        for gid, (_, head, lane) in list(self.groups.items()):
+            if gid[2] == wid:
+                part = self._wa(gid[0]).workload_key(self.metrics(wid, now))
+                self.groups[gid] = (part + self.rank[lane][0], head, lane)
 
     # Queue structures ------------------------------------------------------------------------
     def _queue(self, item: Item, now: int) -> None:
@@ -228,13 +275,16 @@ class PoolModel:
     def _pick(self) -> str:
         band = max(m.band for m in self.queued.values())
         lanes = {lane: entry for lane, entry in self.rank.items() if lane[0] == band}
+        groups = {g: (key, head) for g, (key, head, _) in self.groups.items() if g[0] == band}
         if isinstance(self._band(band).fairness, RoundRobinFairness):
             flows = sorted({str(lane[1]) for lane in lanes})
             cur = self.cursors.get(band)
             flow = next((f for f in flows if cur is not None and f > cur), flows[0])
             self.cursors[band] = flow
             lanes = {lane: entry for lane, entry in lanes.items() if lane[1] == flow}
-        return min(lanes.values())[1]
+            groups = {g: entry for g, entry in groups.items() if g[1] == flow}
+        entries = [e for lane, e in lanes.items() if not self._grouped(lane)]
+        return min([*entries, *groups.values()])[1]
 
     def _dispatch_ready(self, caller: str, now: int, out: list[Event]) -> None:
         if now < self.hold:
@@ -316,6 +366,9 @@ class PoolModel:
     def renew(self, now: int, iid: str, lease: int) -> bool:
         if iid not in self.inflight:
             return False
+        # A slot its replica held becomes a ticket's (lua/renew.lua): from now on only its lease
+        # or a release ends it, not its replica's death.
+        self.own.get(self.inflight[iid].owner, set()).discard(iid)
         self.leases[iid] = now + lease
         return True
 
@@ -339,7 +392,12 @@ class PoolModel:
         return Maintained(True, evicted, reclaimed), out
 
     def _evict(self, now: int, budget: int, out: list[Event]) -> int:
-        expired = sorted((m.deadline, m.id) for m in self.queued.values() if m.deadline <= now)
+        # The scripts keep deadlines in per-second buckets (includes/lanes.lua) and sweep whole
+        # past seconds, each in arrival order.
+        second = now // 1000
+        expired = sorted(
+            (m.deadline // 1000, m.id) for m in self.queued.values() if m.deadline // 1000 < second
+        )
         for _, iid in expired[:budget]:
             item = self._drop_queued(iid, now)
             assert item is not None

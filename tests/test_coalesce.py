@@ -75,7 +75,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_batch(backend: Backend) ->
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert isinstance(results[0], asyncio.CancelledError)
     # Its operation still ran (the flow controller shields its calls to keep such replies).
-    stats = await store.client.hgetall(store.key("stats"))
+    stats = await store.client.hgetall(store.key("pool"))
     assert int(stats[b"inflight"]) + int(stats.get(b"qn", 0)) == 4
 
 

@@ -15,7 +15,7 @@ from tests.conftest import Backend, make_config
 
 
 async def stats(ctrl: FlowController) -> dict[bytes, bytes]:
-    result: dict[bytes, bytes] = await ctrl.store.client.hgetall(ctrl.store.key("stats"))
+    result: dict[bytes, bytes] = await ctrl.store.client.hgetall(ctrl.store.key("pool"))
     return result
 
 
@@ -94,7 +94,7 @@ async def test_changing_a_busy_bands_policy_is_refused(backend: Backend) -> None
     # Same policies with other limits are fine.
     third = FlowController(backend.store(make_config(limit=5), "r3"))
     await third.start(loops=False)
-    assert await third.store.client.hget(third.store.key("cfg"), "limit") == b"5"
+    assert await third.store.client.hget(third.store.key("pool"), "limit") == b"5"
 
 
 async def test_failed_cancel_is_retried_and_frees_a_raced_slot(backend: Backend) -> None:

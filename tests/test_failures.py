@@ -80,7 +80,7 @@ async def test_redis_restart_reconfigures_and_reregisters(
     result = asyncio.create_task(waiting.result())
     own_redis.restart()  # empty: no config, no queue, no in-flight count
     await ctrl.heartbeat()  # reconnects, rewrites the config, learns it was forgotten
-    stats = await ctrl.store.client.hgetall(ctrl.store.key("stats"))
+    stats = await ctrl.store.client.hgetall(ctrl.store.key("pool"))
     # The held slot is counted again and the waiter took a new place in the queue.
     assert int(stats[b"inflight"]) == 1
     assert int(stats[b"qn"]) == 1
@@ -91,7 +91,7 @@ async def test_redis_restart_reconfigures_and_reregisters(
     admission = await result
     assert admission.outcome is Outcome.DISPATCHED
     await ctrl.release(admission.item_id)
-    assert int(await ctrl.store.client.hget(ctrl.store.key("stats"), "inflight")) == 0
+    assert int(await ctrl.store.client.hget(ctrl.store.key("pool"), "inflight")) == 0
 
 
 async def test_flushed_script_cache_recovers(
@@ -120,7 +120,7 @@ async def test_killed_replica_is_reclaimed_by_the_others(
         assert line.strip() == "ready"
         survivor = controller(own_redis, controllers, "survivor", limit=2)
         await survivor.start()
-        stats = await survivor.store.client.hgetall(survivor.store.key("stats"))
+        stats = await survivor.store.client.hgetall(survivor.store.key("pool"))
         assert (int(stats[b"inflight"]), int(stats[b"qn"])) == (2, 1)
         doomed.kill()
         doomed.wait()
@@ -131,7 +131,7 @@ async def test_killed_replica_is_reclaimed_by_the_others(
             )
         assert admission.admitted
         assert admission.wait_ms >= 500
-        stats = await survivor.store.client.hgetall(survivor.store.key("stats"))
+        stats = await survivor.store.client.hgetall(survivor.store.key("pool"))
         # The dead replica's queued request is gone with it; only ours is in flight.
         assert (int(stats[b"inflight"]), int(stats[b"qn"])) == (1, 0)
         await survivor.release(admission.item_id)

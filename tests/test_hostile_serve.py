@@ -420,10 +420,11 @@ def test_after_the_flood_the_replica_is_alive_and_the_pool_bounded(
     try:
         keys = list(client.scan_iter(count=1000))
         tracked = client.zcard(PREFIX + b"workloads")
-        inflight, leased = client.hlen(PREFIX + b"inflight"), client.zcard(PREFIX + b"leases")
-        band_bytes = [
-            int(client.hget(k, "bytes") or 0) for k in keys if k.startswith(PREFIX + b"band:")
-        ]
+        held = [k for k in keys if k.startswith(PREFIX + b"held:")]
+        inflight = sum(client.hlen(k) for k in held) + client.hlen(PREFIX + b"leased")
+        leased = client.zcard(PREFIX + b"leases")
+        pool: dict[bytes, bytes] = client.hgetall(PREFIX + b"pool")  # type: ignore[assignment]
+        band_bytes = [int(v) for k, v in pool.items() if k.startswith(b"b:")]
     finally:
         client.close()
     # Every slot left is a ticket with a lease (no hostile lease made one that never expires),

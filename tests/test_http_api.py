@@ -10,7 +10,7 @@ import pytest
 
 from sidecar.metrics import LabelCap
 from sidecar.simulator import SimulatedModel
-from sidecar.store.scripts import load_scripts
+from sidecar.store.scripts import function_name
 from tests.conftest import make_config
 from tests.http_harness import Stack, eventually, running_stack
 from tests.redis_proc import RedisProcess
@@ -167,17 +167,16 @@ def count_admissions(stack: Stack) -> list[int]:
     """Counts the admission scripts (enqueue, or a coalesced batch) the store's client sends to
     Redis, attempts that fail included; heartbeat and maintenance calls are not counted."""
     client = stack.server.service.controller.store.client
-    scripts = load_scripts(client)
-    admission_shas = {scripts["enqueue"].sha, scripts["batch"].sha}
+    admission = {function_name("enqueue"), function_name("batch")}
     calls = [0]
-    evalsha = client.evalsha
+    fcall = client.fcall
 
-    def counting(sha: str, *args: Any) -> Any:
-        if sha in admission_shas:
+    def counting(function: str, *args: Any) -> Any:
+        if function in admission:
             calls[0] += 1
-        return evalsha(sha, *args)
+        return fcall(function, *args)
 
-    client.evalsha = counting
+    client.fcall = counting
     return calls
 
 

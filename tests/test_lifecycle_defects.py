@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from redis import asyncio as aioredis
 
+from sidecar import contract
 from sidecar.breaker import CircuitBreaker
 from sidecar.controller import FlowController
 from sidecar.metrics import Metrics
@@ -34,8 +35,10 @@ from tests.redis_proc import RedisProcess
 
 
 async def stats(ctrl: FlowController) -> dict[str, int]:
-    raw: dict[bytes, bytes] = await ctrl.store.client.hgetall(ctrl.store.key("stats"))
-    return {k.decode(): int(v) for k, v in raw.items()}
+    """The pool's counters (the pool hash also holds its configuration)."""
+    fields = contract.STATS_FIELDS
+    raw = await ctrl.store.client.hmget(ctrl.store.key(contract.POOL), *fields)
+    return {k: int(v) for k, v in zip(fields, raw, strict=True) if v is not None}
 
 
 def req(name: str, workload: str = "w", ttl_ms: int = 30_000) -> FlowControlRequest:

@@ -14,6 +14,8 @@ from sidecar.store.scripts import (
     IncludeError,
     contract_lua,
     expand_includes,
+    function_name,
+    library,
     script_source,
 )
 
@@ -63,7 +65,20 @@ def test_every_script_expands_with_each_include_once(name: str) -> None:
     # Each include's header appears once: duplicates were removed.
     headers = re.findall(r"^--\[\[\n  (.+)$", source, flags=re.MULTILINE)
     assert len(headers) == len(set(headers))
-    assert source.count("local rcall = redis.call") == 1
+    assert source.count("local rcall\n") == 1
+    assert source.count("begin_call(KEYS[1])") == 1
+
+
+def test_the_function_library_holds_every_script_and_each_include_once() -> None:
+    name, source = library()
+    assert source.startswith(f"#!lua name={name}\n")
+    headers = re.findall(r"^--\[\[\n  (.+)$", source, flags=re.MULTILINE)
+    assert len(headers) == len(set(headers))
+    registered = re.findall(r"^redis.register_function\('(\w+)'", source, flags=re.MULTILINE)
+    assert registered == [function_name(s) for s in SCRIPT_NAMES]
+    # Nothing calls Redis while the library loads: only inside a call (begin_call first).
+    top_level = re.sub(r"(?s)local function .*?\nend\n|redis.register_function.*", "", source)
+    assert "rcall(" not in top_level and "redis.call" not in top_level
 
 
 def test_each_include_has_a_header_and_declares_what_it_needs() -> None:
@@ -89,7 +104,17 @@ def test_every_script_keeps_its_header_block() -> None:
         assert "KEYS[1]" in header and "Output:" in header, name
 
 
-LUA_BUILTINS = {"tonumber", "tostring", "ipairs", "pairs", "unpack", "type", "error", "pcall"}
+LUA_BUILTINS = {
+    "tonumber",
+    "tostring",
+    "ipairs",
+    "pairs",
+    "next",
+    "unpack",
+    "type",
+    "error",
+    "pcall",
+}
 
 
 @pytest.mark.parametrize("name", SCRIPT_NAMES)

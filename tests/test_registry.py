@@ -72,9 +72,11 @@ async def test_idle_workloads_expire(backend: Backend) -> None:
     done = await enq(store, 1000, workload="idle")
     busy = await enq(store, 1000, workload="busy")
     await store.release(done.item_id, now=2000)
-    await store.maintain(1, force=True, now=2000 + 299_000)
+    # Idle counts from the workload's last request (1000), once nothing of it is queued or in
+    # flight.
+    await store.maintain(1, force=True, now=1000 + 299_000)
     assert await store.client.exists(store.key("w:idle")) == 1
-    await store.maintain(1, force=True, now=2000 + 301_000)
+    await store.maintain(1, force=True, now=1000 + 301_000)
     assert await store.client.exists(store.key("w:idle")) == 0
     assert await store.client.zscore(store.key("workloads"), "idle") is None
     # A workload with a request in flight is not idle, however long ago it arrived.

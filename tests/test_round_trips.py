@@ -27,7 +27,8 @@ async def test_fast_path_is_one_script_call_each_way(redis_server: RedisProcess)
         ctrl = FlowController(PoolStore(client, make_config(limit=4), "r1", inbox_client=inbox))
         await ctrl.start(loops=False)
         request = FlowControlRequest(request_id="r", workload=WorkloadContext("w", 4))
-        warm = await ctrl.enqueue_and_wait(request)  # loads the scripts (NOSCRIPT -> SCRIPT LOAD)
+        # The first call loads the library (function not found -> FUNCTION LOAD).
+        warm = await ctrl.enqueue_and_wait(request)
         await ctrl.release(warm.item_id)
 
         monitoring = asyncio.Event()
@@ -49,7 +50,7 @@ async def test_fast_path_is_one_script_call_each_way(redis_server: RedisProcess)
         assert await ctrl.release(admission.item_id)
         await client.echo("end-of-test")
         await watching
-        assert seen == ["EVALSHA", "EVALSHA"]
+        assert seen == ["FCALL", "FCALL"]
         await ctrl.stop()
     finally:
         await watcher.aclose()

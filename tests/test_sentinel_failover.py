@@ -38,6 +38,7 @@ from sidecar.store.connect import connect
 from sidecar.workload import WorkloadContext
 from tests.conftest import make_config
 from tests.http_harness import eventually
+from tests.pool_keys import inflight_records, queued_records
 from tests.redis_proc import RedisProcess
 from tests.sentinel_proc import SERVICE, HangUp, Relay, SentinelDeployment, start_sentinel
 
@@ -196,7 +197,7 @@ async def admitted(
     # primary is gone the upstream's count still holds).
     with contextlib.suppress(RedisError):
         load.stored_inflight.append(
-            int(await ctrl.store.client.hget(ctrl.store.key("stats"), "inflight"))
+            int(await ctrl.store.client.hget(ctrl.store.key("pool"), "inflight"))
         )
     await upstream.serve(rng.uniform(0.1, 0.2))
     # A release that fails is kept by the controller and retried on each heartbeat.
@@ -222,8 +223,11 @@ async def pool_counts(port: int, prefix: str) -> tuple[int, int, int, int]:
     """(in flight, queued, in-flight records, queued records) as the new primary holds them."""
     client = aioredis.Redis(port=port, socket_timeout=1.0)
     try:
-        stats = await client.hgetall(prefix + "stats")
-        records = (await client.hlen(prefix + "inflight"), await client.hlen(prefix + "items"))
+        stats = await client.hgetall(prefix + "pool")
+        records = (
+            len(await inflight_records(client, prefix)),
+            len(await queued_records(client, prefix)),
+        )
     finally:
         await client.aclose()
     return int(stats.get(b"inflight", 0)), int(stats.get(b"qn", 0)), *records
@@ -233,8 +237,8 @@ async def pool_records(port: int, prefix: str) -> dict[str, str]:
     """The new primary's in-flight and queued records (item id -> record)."""
     client = aioredis.Redis(port=port, socket_timeout=1.0, decode_responses=True)
     try:
-        records = {**await client.hgetall(prefix + "inflight")}
-        records.update(await client.hgetall(prefix + "items"))
+        records = {**await inflight_records(client, prefix)}
+        records.update(await queued_records(client, prefix))
         return {str(k): str(v) for k, v in records.items()}
     finally:
         await client.aclose()

@@ -7,6 +7,7 @@ from typing import Any
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
 from tests.conftest import Backend, make_config
+from tests.pool_keys import inflight_records, queued_record
 
 TTL = 60_000
 
@@ -57,7 +58,7 @@ async def test_fast_path_dispatches_and_release_is_idempotent(backend: Backend) 
     ]
     again = await store.release(a.item_id, now=1600)
     assert again.status is ScriptStatus.NOT_FOUND and again.deliveries == []
-    stats = await store.client.hgetall(store.key("stats"))
+    stats = await store.client.hgetall(store.key("pool"))
     assert int(stats[b"inflight"]) == 2 and int(stats[b"qn"]) == 0
 
 
@@ -153,7 +154,7 @@ async def test_cancel_removes_queued_and_releases_raced(backend: Backend) -> Non
     queued = await enq(store, 2)
     cancelled = await store.cancel(queued.item_id, ScriptStatus.EVICTED_CANCELLED, now=3)
     assert cancelled.status is ScriptStatus.EVICTED_CANCELLED
-    assert await store.client.hget(store.key("items"), queued.item_id) is None
+    assert await queued_record(store.client, store.prefix, queued.item_id) is None
     # Never dispatched afterwards: releasing the slot dispatches nothing.
     assert (await store.release(first.item_id, now=4)).deliveries == []
     # A cancel that races a dispatch frees the slot at once.
@@ -163,7 +164,7 @@ async def test_cancel_removes_queued_and_releases_raced(backend: Backend) -> Non
     assert dispatched.deliveries[0].item_id == raced.item_id
     late = await store.cancel(raced.item_id, ScriptStatus.EVICTED_CANCELLED, now=8)
     assert (late.status, late.detail) == (ScriptStatus.DISPATCHED, "released")
-    assert int(await store.client.hget(store.key("stats"), "inflight")) == 0
+    assert int(await store.client.hget(store.key("pool"), "inflight")) == 0
 
 
 async def test_ttl_eviction_by_maintenance_notifies_owner_inbox(backend: Backend) -> None:
@@ -173,12 +174,16 @@ async def test_ttl_eviction_by_maintenance_notifies_owner_inbox(backend: Backend
     await enq(other, 1)
     expiring = await enq(owner, 2, ttl_ms=100)
     assert await other.maintain(1000, now=50) == []
-    assert await other.maintain(1000, force=True, now=102) == []
+    # The sweep takes whole seconds of deadlines (includes/lanes.lua's buckets): the item's
+    # deadline, 102 ms, is swept once its second has passed.
+    assert await other.maintain(1000, force=True, now=999) == []
+    assert await owner.pop_inbox(0.01) == []
+    assert await other.maintain(1000, force=True, now=1000) == []
     deliveries = await owner.pop_inbox(0.1)
     assert [(d.item_id, d.status, d.wait_ms) for d in deliveries] == [
-        (expiring.item_id, ScriptStatus.EVICTED_TTL, 100)
+        (expiring.item_id, ScriptStatus.EVICTED_TTL, 998)
     ]
-    stats = await owner.client.hgetall(owner.key("stats"))
+    stats = await owner.client.hgetall(owner.key("pool"))
     assert int(stats[b"qn"]) == 0
 
 
@@ -203,7 +208,7 @@ async def test_dead_replica_slots_and_queue_are_reclaimed(backend: Backend) -> N
     assert await alive.maintain(100, force=True, now=999) == []  # lease not yet out
     deliveries = await alive.maintain(100, force=True, now=1001)
     assert [(d.item_id, d.status) for d in deliveries] == [(mine.item_id, ScriptStatus.DISPATCHED)]
-    assert await alive.client.hget(alive.key("inflight"), held.item_id) is None
+    assert held.item_id not in await inflight_records(alive.client, alive.prefix)
     assert await alive.client.zscore(alive.key("replicas"), "dead") is None
     # The reclaimed replica comes back: it learns it was forgotten.
     assert not (await dead.heartbeat(1000, now=1100)).known
@@ -227,7 +232,7 @@ async def test_missing_config_is_rewritten_and_the_call_retried(backend: Backend
     await store.client.flushall()
     reply = await enq(store, 5)
     assert reply.status is ScriptStatus.DISPATCHED
-    assert await store.client.hget(store.key("cfg"), "limit") == b"1"
+    assert await store.client.hget(store.key("pool"), "limit") == b"1"
 
 
 async def test_tickets_outlive_the_replica_that_issued_them(backend: Backend) -> None:
@@ -242,8 +247,8 @@ async def test_tickets_outlive_the_replica_that_issued_them(backend: Backend) ->
     await other.release(blocker.item_id, now=13)
     # The issuer dies; its lease runs out and the others reclaim what it held.
     await other.maintain(10, force=True, now=5_000)
-    inflight = await other.client.hkeys(other.key("inflight"))
-    assert {i.decode() for i in inflight} == {fast.item_id, queued.item_id}
+    inflight = await inflight_records(other.client, other.prefix)
+    assert set(inflight) == {fast.item_id, queued.item_id}
     # Only the tickets' own leases end them.
     await other.maintain(10, force=True, now=60_020)
-    assert await other.client.hlen(other.key("inflight")) == 0
+    assert await inflight_records(other.client, other.prefix) == {}

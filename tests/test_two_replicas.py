@@ -11,6 +11,7 @@ from sidecar.outcome import Outcome
 from sidecar.request import FlowControlRequest
 from sidecar.workload import WorkloadContext
 from tests.conftest import Backend, make_config
+from tests.pool_keys import inflight_records, queued_records
 
 LIMIT = 4
 REQUESTS = 400
@@ -42,7 +43,7 @@ async def test_global_limit_holds_across_replicas(backend: Backend) -> None:
             return
         in_flight += 1
         peak = max(peak, in_flight)
-        stored = int(await ctrl.store.client.hget(ctrl.store.key("stats"), "inflight"))
+        stored = int(await ctrl.store.client.hget(ctrl.store.key("pool"), "inflight"))
         assert stored <= LIMIT
         await asyncio.sleep(rng.random() * 0.004)  # the upstream doing its work
         in_flight -= 1
@@ -71,8 +72,8 @@ async def test_global_limit_holds_across_replicas(backend: Backend) -> None:
         await r.stop()
     store = replicas[0].store
     # Cancelled clients' clean-ups have finished (stop awaits them): nothing leaks.
-    stats = await store.client.hgetall(store.key("stats"))
+    stats = await store.client.hgetall(store.key("pool"))
     assert int(stats[b"inflight"]) == 0
     assert int(stats.get(b"qn", 0)) == 0
-    assert await store.client.hlen(store.key("inflight")) == 0
-    assert await store.client.hlen(store.key("items")) == 0
+    assert await inflight_records(store.client, store.prefix) == {}
+    assert await queued_records(store.client, store.prefix) == {}

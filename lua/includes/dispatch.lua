@@ -3,74 +3,104 @@
   then the band's fairness policy, then lane ranking; moves it in flight while the concurrency
   detector reports capacity; tells its owner (in the reply, or through the owner's inbox); frees
   in-flight slots; removes queued items for good; builds replies.
-  Provides: notify(owner, id, status, wait, caller, out), dispatch_item(id, caller, now, out),
-  pick_next(), dispatch_ready(caller, now, out), release_item(id, now), drop_queued(id, now),
-  reply(status, a, b, out), flush_state() (writes the counters kept during the call: every
-  script that changes them calls it before it returns).
-  Needs: contract, config, registry, counters, lanes.
+  A slot a replica holds is in held:<its number> (so its slots are found without an index per
+  item); a slot a ticket holds is in leased, with its expiry in leases.
+  Provides: notify(owner, id, status, wait, caller, out), dispatch_item(id, lane, caller, now,
+  out), pick_next() -> id, lane, dispatch_ready(caller, now, out), hold_slot(num, id, wid, now),
+  release_held(num, id), release_leased(id), release_item(caller, id) (held by the caller, else
+  leased), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
+  (writes what the call kept in memory: every script that changes state calls it before it
+  returns).
+  Needs: contract, config, items, owners, registry, counters, lanes.
 ]]
 -- @include contract
 -- @include config
+-- @include items
+-- @include owners
 -- @include registry
 -- @include counters
 -- @include lanes
 
 -- Outcomes reach the waiting request: directly in the reply when the caller owns it, otherwise
--- through the owner's inbox (a list it blocks on), so no polling decides dispatch latency.
-local INBOX_TTL_MS = 600000
+-- through the owner's inbox (a list it blocks on), so no polling decides dispatch latency. A
+-- replica's inbox is deleted when it stops or is reclaimed.
 local function notify(owner, id, status, wait, caller, out)
   local msg = encode_delivery(id, status, wait)
   if owner == caller then
     out[#out + 1] = msg
-  else
-    local ik = K_INBOX .. owner
-    rcall('RPUSH', ik, msg)
-    rcall('PEXPIRE', ik, INBOX_TTL_MS)
+  elseif owner then
+    rcall('RPUSH', K_INBOX .. owner, msg)
   end
 end
 
--- `id` heads its lane (it was picked from a ranking).
-local function dispatch_item(id, caller, now, out)
-  local rec = parse_item(rcall('HGET', K_ITEMS, id))
+local function hold_slot(num, id, wid, now)
+  rcall('HSET', K_HELD .. num, id, encode_held(wid, now))
+  stat_add('inflight', 1)
+end
+
+-- Removes a queued item for good (cancelled, expired, reclaimed). Returns its record or false.
+local function drop_queued(id, now)
+  local raw = item_get(id)
+  if not raw then return false end
+  local rec = parse_item(raw)
+  unqueue_item(id, rec, now)
+  workload_done(rec.wid)
+  return rec
+end
+
+-- `id` heads `lane` (it was picked from a ranking). Returns false when it was not dispatched:
+-- its owner is being reclaimed (presumed dead), so it is dropped instead.
+local function dispatch_item(id, lane, caller, now, out)
+  local rec = parse_item(item_get(id))
+  if owner_reclaimed(rec.owner) then
+    unqueue_item(id, rec, now, true)
+    workload_done(rec.wid)
+    return false
+  end
   local wait = math.max(now - rec.enq, 0)
   -- The wait changes the workload's score first, so its lanes, the one this item leaves
   -- included, are ranked once, by the re-rank below.
   record_wait(rec.wid, wait / 1000.0)
   local rerank = rec.wid ~= ''
-  local emptied = unqueue_item(id, rec, now, true, rerank)
-  stat_add('inflight', 1)
+  unqueue_item(id, rec, now, true, rerank)
+  local owner = owner_id(rec.owner)
   if rec.lease == 0 then
-    rcall('HSET', K_INFLIGHT, id, encode_inflight(rec.owner, rec.wid, now))
+    hold_slot(rec.owner, id, rec.wid, now)
   else
-    rcall('HSET', K_INFLIGHT, id, encode_inflight(rec.owner, rec.wid, now, 1))
     -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
     -- replica that stops or dies does not take back tickets that are still in use.
+    rcall('HSET', K_LEASED, id, encode_leased(owner, rec.wid, now))
     rcall('ZADD', K_LEASES, int(now + rec.lease), id)
-    rcall('SREM', K_OWN .. rec.owner, id)
+    stat_add('inflight', 1)
   end
-  if rerank then rerank_workload(rec.wid, now, emptied) end
-  notify(rec.owner, id, S_DISPATCHED, wait, caller, out)
+  if rerank then rerank_workload(rec.wid, now) end
+  notify(owner, id, S_DISPATCHED, wait, caller, out)
+  return true
 end
 
--- The next item by strict band priority, then the band's fairness policy, then lane ranking.
+-- The next item by strict band priority, then the band's fairness policy, then lane ranking:
+-- its id and its lane.
 local function pick_next()
-  local band = rcall('ZREVRANGE', K_BANDS, 0, 0)[1]
+  local band = top_band()
   if not band then return nil end
   local b = band_cfg(band)
   local rs
   if b.fair == FAIR_RR then
     local fk = K_FLOWS .. band
     -- The cursor outlives the band's queue, so a band that empties and refills keeps its turn.
-    local cur = rcall('HGET', K_RRCURSOR, band)
+    local cur = POOL[RR_CURSOR .. band]
     local flow = false
     if cur then flow = rcall('ZRANGEBYLEX', fk, '(' .. cur, '+', 'LIMIT', 0, 1)[1] end
     if not flow then flow = rcall('ZRANGE', fk, 0, 0)[1] end
-    rcall('HSET', K_RRCURSOR, band, flow)
+    if not flow then return nil end
+    pool_set(RR_CURSOR .. band, flow)
     rs = rankset_of(b, band, flow)
   else
     rs = rankset_of(b, band, nil)
   end
-  return string.sub(rcall('ZRANGE', rs, 0, 0)[1], 1, ID_WIDTH)
+  local member = rcall('ZRANGE', rs, 0, 0)[1]
+  if not member then return nil end
+  return string.sub(member, 1, ID_WIDTH), string.sub(member, ID_WIDTH + 1)
 end
 
 -- Dispatches while the concurrency detector reports capacity. Capacity is checked and taken in
@@ -80,36 +110,39 @@ local function dispatch_ready(caller, now, out)
   local st = stats()
   -- With nothing queued there is no band to pick from: no need to look.
   while st.qn > 0 and st.inflight < CFG.limit do
-    local id = pick_next()
+    local id, lane = pick_next()
     if not id then break end
-    dispatch_item(id, caller, now, out)
+    dispatch_item(id, lane, caller, now, out)
   end
 end
 
--- Frees an in-flight slot. Idempotent: returns false when the item is not in flight.
-local function release_item(id, now)
-  local raw = rcall('HGET', K_INFLIGHT, id)
+-- Frees a slot a replica holds. Returns false when it holds no such slot.
+local function release_held(num, id)
+  local hk = K_HELD .. num
+  local raw = rcall('HGET', hk, id)
   if not raw then return false end
-  local f = parse_inflight(raw)
-  rcall('HDEL', K_INFLIGHT, id)
+  rcall('HDEL', hk, id)
   stat_add('inflight', -1)
-  -- Only a leased slot can have a lease entry; any may be in its owner's set (reregister.lua
-  -- adds a slot the replica says it holds itself).
-  rcall('SREM', K_OWN .. f.owner, id)
-  if f.leased then rcall('ZREM', K_LEASES, id) end
-  workload_done(f.wid, now)
+  workload_done(parse_held(raw).wid)
   return true
 end
 
--- Removes a queued item for good (cancelled, expired, reclaimed). Returns its record or false.
-local function drop_queued(id, now)
-  local raw = rcall('HGET', K_ITEMS, id)
+local function release_leased(id)
+  local raw = rcall('HGET', K_LEASED, id)
   if not raw then return false end
-  local rec = parse_item(raw)
-  unqueue_item(id, rec, now)
-  rcall('SREM', K_OWN .. rec.owner, id)
-  workload_done(rec.wid, now)
-  return rec
+  rcall('HDEL', K_LEASED, id)
+  rcall('ZREM', K_LEASES, id)
+  stat_add('inflight', -1)
+  workload_done(parse_leased(raw).wid)
+  return true
+end
+
+-- Frees an in-flight slot: the caller's own, or a ticket's (any replica may release a ticket).
+-- Idempotent: returns false when the item is not in flight.
+local function release_item(caller, id)
+  local num = owner_known(caller)
+  if num and release_held(num, id) then return true end
+  return release_leased(id)
 end
 
 local function reply(status, a, b, out)
@@ -119,6 +152,6 @@ local function reply(status, a, b, out)
 end
 
 local function flush_state()
-  flush_counts()
   flush_workloads()
+  flush_pool()
 end

@@ -1,20 +1,22 @@
 --[[
   Lanes and their rankings. A lane is a FIFO group of a flow's items: one per (workload,
-  criticality) under workload-aware ordering, one per flow otherwise (LANE_ID record). Each lane's
-  head is a member of its ranking set (one per band, or per flow under round-robin), keyed by
-  lane_key; queued items enter and leave their lane here, and the counters follow.
-  A transition that re-ranks a workload's lanes anyway (rerank_workload, after its counters
-  changed) passes `deferred`: the changed lane of that workload is then only recorded in the
-  workload's lane list, and ranked once, by the re-rank.
-  Provides: lane_of(b, rec), wlanes_of(wid) -> { lane = rank member }, forget_lanes(wid) after
-  the workload's lane list was deleted, rankset_of(b, band, flow),
-  rank_lane(lane, b, old_head, now, deferred, head, in_lane), rerank_workload(wid, now, emptied),
-  queue_item(id, raw, rec, now, deferred), unqueue_item(id, rec, now, is_head, deferred) ->
-  whether a deferred call emptied a lane of the workload.
-  Needs: contract, config, registry, ordering, counters.
+  criticality) under workload-aware ordering, one per flow otherwise (LANE_ID record). fcfs and
+  workload-aware lanes are lists (they are in arrival order by construction); edf lanes are zsets
+  by deadline. Each lane's head is a member of its ranking set (one per band, or per flow under
+  round-robin), keyed by lane_key; queued items enter and leave their lane here, and the counters
+  follow.
+  A transition that re-ranks a workload anyway (rerank_workload, after its counters changed)
+  passes `deferred`: a new best lane of that workload is then only recorded in its group, and
+  ranked once, by the re-rank.
+  Provides: lane_of(b, rec), rankset_of(b, band, flow), rank_lane(lane, b, old_head, now,
+  deferred, head, in_lane),
+  rerank_workload(wid, now), queue_item(id, raw, rec, now, deferred), unqueue_item(id, rec, now,
+  is_head, deferred).
+  Needs: contract, config, items, registry, ordering, counters.
 ]]
 -- @include contract
 -- @include config
+-- @include items
 -- @include registry
 -- @include ordering
 -- @include counters
@@ -24,37 +26,62 @@ local function lane_of(b, rec)
   return encode_lane(rec.band, rec.flow)
 end
 
--- A workload's lane list (wlanes:<wid>, lane -> rank member), read at most once per call and
--- kept in step with every write, which still goes to Redis at once.
-local WLANES = {}
-local function wlanes_of(wid)
-  local m = WLANES[wid]
-  if not m then
-    m = {}
-    local v = rcall('HGETALL', K_WLANES .. wid)
-    for i = 1, #v, 2 do m[v[i]] = v[i + 1] end
-    WLANES[wid] = m
-  end
-  return m
-end
-
-local function wlanes_set(wid, lane, member)
-  if member then
-    rcall('HSET', K_WLANES .. wid, lane, member)
-  else
-    rcall('HDEL', K_WLANES .. wid, lane)
-  end
-  local m = WLANES[wid]
-  if m then m[lane] = member end
-end
-
-local function forget_lanes(wid)
-  WLANES[wid] = nil
-end
-
 local function rankset_of(b, band, flow)
   if b.fair == FAIR_RR then return K_RANK .. band .. RANK_FLOW_SEP .. flow end
   return K_RANK .. band
+end
+
+-- The lane's head and its key inside the lane (its sequence, or its deadline for edf).
+local function lane_head(lk, b)
+  if b.order == ORDER_EDF then
+    local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
+    return hs[1] or false, tonumber(hs[2])
+  end
+  local head = rcall('LINDEX', lk, 0)
+  if not head then return false, nil end
+  return head, tonumber(head)
+end
+
+-- A workload's workload-aware lanes in one ranking set form a group (wrank:<suffix>|<wid>, by
+-- the head's part of the key); the ranking set holds only the group's best lane, keyed by the
+-- workload's part plus that head part. So a change of the workload's counters re-ranks one
+-- member per ranking set, however many lanes it has. The best is also kept in the workload's
+-- hash (includes/registry.lua), so re-ranking reads nothing more.
+local function rank_suffix(b, parts)
+  if b.fair == FAIR_RR then return parts.band .. RANK_FLOW_SEP .. parts.flow end
+  return parts.band
+end
+
+local function better(a, b)
+  return a.key < b.key or (a.key == b.key and a.member < b.member)
+end
+
+-- Writes the group's best into its ranking set with the workload's current part of the key.
+local function rank_group(b, wid, suffix, best, m)
+  rcall('ZADD', K_RANK .. suffix, fmt(workload_key(m[1], m[2], b) + best.key), best.member)
+end
+
+local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
+  local suffix = rank_suffix(b, parts)
+  local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
+  local old = groups_of(parts.wid)[suffix]
+  local mine = head and { key = tonumber(fmt(head_key(b, parts.crit, head))), member = head .. lane }
+  if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
+  if mine then rcall('ZADD', gk, fmt(mine.key), mine.member) end
+  local best = old
+  if old and old_head and old.member == old_head .. lane then
+    -- The best lane lost its head: the next best is whatever the group now ranks first.
+    local hs = rcall('ZRANGE', gk, 0, 0, 'WITHSCORES')
+    best = hs[1] and { key = tonumber(hs[2]), member = hs[1] } or nil
+  elseif mine and (not old or better(mine, old)) then
+    best = mine
+  end
+  if best == old then return end
+  if old and (not best or old.member ~= best.member) then rcall('ZREM', K_RANK .. suffix, old.member) end
+  group_set(parts.wid, suffix, best)
+  if best and not deferred then
+    rank_group(b, parts.wid, suffix, best, { workload_metrics(parts.wid, now) })
+  end
 end
 
 -- Puts the lane's current head into its ranking (removing the old head's entry if it changed).
@@ -63,110 +90,85 @@ end
 -- Returns the head id, or false when the lane is empty.
 local function rank_lane(lane, b, old_head, now, deferred, head, in_lane)
   local parts = parse_lane(lane)
+  if head == nil then head, in_lane = lane_head(K_LANE .. lane, b) end
+  if b.order == ORDER_WA and parts.wid ~= '' then
+    rank_grouped(lane, parts, b, old_head, head, now, deferred)
+    return head
+  end
   local rs = rankset_of(b, parts.band, parts.flow)
-  if head == nil then
-    local hs = rcall('ZRANGE', K_LANE .. lane, 0, 0, 'WITHSCORES')
-    head, in_lane = hs[1] or false, tonumber(hs[2])
-  end
   if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
-  if head then
-    -- A workload's lanes with their current rank members, so re-ranking needs no lane reads.
-    local listed = b.order == ORDER_WA and parts.wid ~= ''
-    if listed then wlanes_set(parts.wid, lane, head .. lane) end
-    if not (listed and deferred) then
-      rcall('ZADD', rs, fmt(lane_key(b, parts, head, in_lane, nil, now)), head .. lane)
-    end
-  end
+  if head then rcall('ZADD', rs, fmt(lane_key(b, parts, head, in_lane, nil, now)), head .. lane) end
   return head
 end
 
--- Re-ranks every queued lane of a workload: its counters just changed. One read of its lanes'
--- rank members, and one ZADD per ranking set, however many lanes it has. `emptied` when the
--- caller just emptied one of its lanes: with none left, the workload leaves the rerank set.
-local function rerank_workload(wid, now, emptied)
+-- Re-ranks every group of a workload: its counters just changed. One ZADD per ranking set.
+local function rerank_workload(wid, now)
   local m = { workload_metrics(wid, now) }
-  local lanes = wlanes_of(wid)
-  local adds, any = {}, false
-  for lane, member in pairs(lanes) do
-    any = true
-    local parts = parse_lane(lane)
-    local b = band_cfg(parts.band)
-    local rs = rankset_of(b, parts.band, parts.flow)
-    local head = string.sub(member, 1, ID_WIDTH)
-    local batch = adds[rs]
-    if not batch then
-      batch = {}
-      adds[rs] = batch
-    end
-    batch[#batch + 1] = fmt(lane_key(b, parts, head, nil, m, now))
-    batch[#batch + 1] = member
+  for suffix, best in pairs(groups_of(wid)) do
+    local band = string.match(suffix, '^[^' .. RANK_FLOW_SEP .. ']+')
+    rank_group(band_cfg(band), wid, suffix, best, m)
   end
-  for rs, batch in pairs(adds) do rcall('ZADD', rs, unpack(batch)) end
-  if emptied and not any then rcall('SREM', K_RERANK, wid) end
 end
 
 local function queue_item(id, raw, rec, now, deferred)
   local b = band_cfg(rec.band)
   local lane = lane_of(b, rec)
   local lk = K_LANE .. lane
-  local hs, old_head
-  if b.order == ORDER_WA and rec.wid ~= '' then
-    -- The workload's lane list has the lane's head (its re-rank reads the list anyway).
-    local member = wlanes_of(rec.wid)[lane]
-    old_head = member and string.sub(member, 1, ID_WIDTH) or false
-  else
-    hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
-    old_head = hs[1] or false
+  item_put(id, raw)
+  local deadline = rec.enq + rec.ttl
+  -- Deadline buckets are swept by maintain.lua; each expires once no sweep can need it.
+  -- The expiry is relative to the pool clock (tests run it on their own time).
+  local sec = math.floor(deadline / 1000)
+  local dk = K_DEADLINES .. int(sec)
+  if rcall('RPUSH', dk, id) == 1 then
+    rcall('PEXPIRE', dk, int((sec + 1) * 1000 - now + DEADLINE_KEEP_MS))
   end
-  rcall('HSET', K_ITEMS, id, raw)
-  local in_lane
+  local new_lane, in_lane, old_head
   if b.order == ORDER_EDF then
-    in_lane = rec.deadline
-    rcall('ZADD', lk, int(rec.deadline), id)
+    local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
+    old_head = hs[1] or false
+    in_lane = deadline
+    rcall('ZADD', lk, int(deadline), id)
+    new_lane = not old_head
+    if old_head and deadline < tonumber(hs[2]) then
+      -- An earlier deadline heads its lane; on a tie the lower id, the old head, stays in front.
+      rank_lane(lane, b, old_head, now, deferred, id, in_lane)
+    end
   else
     in_lane = tonumber(id)
-    rcall('ZADD', lk, id, id)  -- the zero-padded id parses as its own sequence number
+    new_lane = rcall('RPUSH', lk, id) == 1
   end
-  rcall('ZADD', K_DEADLINES, int(rec.deadline), id)
-  if not old_head then
-    if b.order == ORDER_WA and rec.wid ~= '' then rcall('SADD', K_RERANK, rec.wid) end
+  if new_lane then
     if b.fair == FAIR_RR then rcall('ZADD', K_FLOWS .. rec.band, 0, rec.flow) end
     rank_lane(lane, b, false, now, deferred, id, in_lane)
-  elseif b.order == ORDER_EDF and rec.deadline < tonumber(hs[2]) then
-    -- An earlier deadline heads its lane; on a tie the lower id, the old head, stays in front.
-    rank_lane(lane, b, old_head, now, deferred, id, in_lane)
   end
   adjust_counts(rec, 1)
 end
 
--- Takes a queued item out of every queue structure (not out of its owner's set). `is_head` when
--- the caller knows the item heads its lane (it was picked from a ranking).
+-- Takes a queued item out of every queue structure (its deadline bucket entry goes stale and is
+-- skipped by the sweep). `is_head` when the caller knows the item heads its lane (it was picked
+-- from a ranking).
 local function unqueue_item(id, rec, now, is_head, deferred)
   local b = band_cfg(rec.band)
   local lane = lane_of(b, rec)
   local lk = K_LANE .. lane
-  if not is_head then is_head = rcall('ZRANGE', lk, 0, 0)[1] == id end
-  local emptied = false
-  rcall('ZREM', lk, id)
-  rcall('ZREM', K_DEADLINES, id)
-  rcall('HDEL', K_ITEMS, id)
+  if b.order == ORDER_EDF then
+    if not is_head then is_head = rcall('ZRANGE', lk, 0, 0)[1] == id end
+    rcall('ZREM', lk, id)
+  elseif is_head then
+    rcall('LPOP', lk)
+  else
+    is_head = rcall('LINDEX', lk, 0) == id
+    if is_head then rcall('LPOP', lk) else rcall('LREM', lk, 1, id) end
+  end
+  item_del(id)
   if is_head then
     local head = rank_lane(lane, b, id, now, deferred)
     if not head then
-      if b.order == ORDER_WA and rec.wid ~= '' then
-        wlanes_set(rec.wid, lane, nil)
-        -- After a deferred call, the re-rank that follows sees whether any lane is left.
-        if deferred then
-          emptied = true
-        elseif rcall('HLEN', K_WLANES .. rec.wid) == 0 then
-          rcall('SREM', K_RERANK, rec.wid)
-        end
-      end
       if b.fair == FAIR_RR and rcall('EXISTS', rankset_of(b, rec.band, rec.flow)) == 0 then
         rcall('ZREM', K_FLOWS .. rec.band, rec.flow)
       end
     end
   end
   adjust_counts(rec, -1)
-  return emptied
 end

@@ -1,19 +1,31 @@
 --[[
   The ordering policies in Lua: the key a lane is ranked by (lower dispatches first). fcfs ranks
-  by the head's sequence, edf by its deadline, workload-aware by minus the head's score.
-  Python twins: sidecar/policies/ordering.py (same operations, same order, same doubles).
-  Provides: wa_score(ema, rate, crit, b), lane_key(b, lane, head, in_lane, m, now).
-  Needs: contract, registry.
+  by the head's sequence, edf by its deadline, workload-aware by minus the head's score plus its
+  aging term, computed as a part of the workload plus a part of the head, so a workload's lanes
+  are ranked among themselves by the head part alone (includes/lanes.lua).
+  Python twins: sidecar/policies/ordering.py WorkloadAwareOrdering.workload_key, head_key and
+  sort_key (same operations, same order, same doubles).
+  Provides: workload_key(ema, rate, b), head_key(b, crit, head), lane_key(b, lane, head,
+  in_lane, m, now).
+  Needs: contract, items, registry.
 ]]
 -- @include contract
+-- @include items
 -- @include registry
 
--- The workload-aware score; Python twin: WorkloadAwareOrdering.score.
-local function wa_score(ema, rate, crit, b)
+local function workload_key(ema, rate, b)
   local wait_part = math.min(ema / b.maxWait, 1.0) * b.wW
-  local crit_part = (crit / 5.0) * b.cW
   local rate_part = math.min(rate / b.maxRate, 1.0) * b.rW
-  return wait_part + crit_part - rate_part
+  return rate_part - wait_part
+end
+
+local function head_key(b, crit, head)
+  local age_part = 0
+  -- With agingWeight 0 (the default) the age term is exactly 0: skip reading the head's record.
+  if b.aging ~= 0 then
+    age_part = b.aging * (parse_item(item_get(head)).enq / 1000.0) / b.maxWait
+  end
+  return age_part - (crit / 5.0) * b.cW
 end
 
 -- `lane` is the parsed lane id; `in_lane` the head's key inside its lane (seq, or the deadline
@@ -26,10 +38,5 @@ local function lane_key(b, lane, head, in_lane, m, now)
   else
     ema, rate = workload_metrics(lane.wid, now)
   end
-  local score = wa_score(ema, rate, lane.crit, b)
-  -- With agingWeight 0 (the default) the age term is exactly 0: skip reading the head's record.
-  if b.aging == 0 then return -score end
-  local enq = parse_item(rcall('HGET', K_ITEMS, head)).enq
-  local age_part = b.aging * (enq / 1000.0) / b.maxWait
-  return -(score - age_part)
+  return workload_key(ema, rate, b) + head_key(b, lane.crit, head)
 end

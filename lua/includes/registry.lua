@@ -1,15 +1,18 @@
 --[[
-  The workload registry: per-workload counters (request rate, EMA of waits, active requests),
-  written only here, inside the transitions that change them. Python reads them
-  (sidecar/registry.py, whose window_rate and ema_update are the twins of rate_from and
-  record_wait).
-  A workload's hash is read at most once per call and kept here; the fields that changed are
-  written back once, by flush_workloads, which every script that changes them calls before it
-  returns.
-  Provides: wkey(wid), rate_from(bi, c, p, now), count_request(wid, now), track(wid, now),
-  record_wait(wid, wait_s), add_active(wid, delta), workload_done(wid, now),
-  workload_metrics(wid, now) -> ema, rate, idle_active(wid) -> active count,
-  forget_workload(wid) after its hash was deleted, flush_workloads().
+  The workload registry: per-workload counters (request rate, EMA of waits, active requests, last
+  request), written only here, inside the transitions that change them, and each workload's best
+  queued workload-aware lane per ranking set (field WGROUP_FIELD .. ranking set suffix -> 'head
+  key|rank member', see includes/lanes.lua), which re-ranking reads with the counters. Python reads the counters (sidecar/registry.py, whose
+  window_rate and ema_update are the twins of rate_from and record_wait).
+  A workload's hash is read at most once per call (HGETALL: counters and lanes together) and
+  kept here; the fields that changed are written back once, by flush_workloads. A release that
+  has no other reason to read its workload only sends its decrement (HINCRBY) at the flush.
+  Provides: init_registry() (run by begin_call), wkey(wid), rate_from(bi, c, p, now), count_request(wid, now), track(wid, now),
+  record_wait(wid, wait_s), add_active(wid, delta), workload_done(wid), workload_metrics(wid,
+  now) -> ema, rate, wstate(wid) -> the cached state, groups_of(wid) -> { suffix = best },
+  group_set(wid, suffix, best or nil) with best = { key, member }, compact_workload(wid),
+  forget_workload(wid) after its hash was deleted,
+  flush_workloads().
   Needs: contract, config.
 ]]
 -- @include contract
@@ -20,18 +23,44 @@ local function wkey(wid)
   return K_W .. wid
 end
 
--- wid -> { bi, c, p, ema, n, active (numbers or nil), exists, dirty = { field = true } }
-local WS = {}
+local NUMERIC = { bi = true, c = true, p = true, ema = true, n = true, active = true, t = true }
+
+-- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best }, exists,
+-- dirty = { field = true }, dirty_groups = { suffix = true } }
+local WS
+-- Active-count changes of workloads this call did not otherwise read: wid -> delta.
+local PENDING
+local function init_registry()
+  WS, PENDING = {}, {}
+end
+
 local function wstate(wid)
   local w = WS[wid]
   if not w then
-    local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active')
-    w = { bi = tonumber(v[1]), c = tonumber(v[2]), p = tonumber(v[3]), ema = tonumber(v[4]),
-      n = tonumber(v[5]), active = tonumber(v[6]), dirty = {} }
-    -- These are all of a workload hash's fields: none set means there is no hash.
-    w.exists = v[1] ~= false or v[2] ~= false or v[3] ~= false or v[4] ~= false
-      or v[5] ~= false or v[6] ~= false
+    local v = rcall('HGETALL', wkey(wid))
+    w = { groups = {}, blank = {}, dirty = {}, dirty_groups = {}, exists = #v > 0 }
+    local stem = #WGROUP_FIELD
+    for i = 1, #v, 2 do
+      local f = v[i]
+      if NUMERIC[f] then
+        w[f] = tonumber(v[i + 1])
+      elseif string.sub(f, 1, stem) == WGROUP_FIELD then
+        if v[i + 1] ~= '' then
+          w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
+        else
+          w.blank[#w.blank + 1] = f
+        end
+      end
+    end
     WS[wid] = w
+    local delta = PENDING[wid]
+    if delta then
+      PENDING[wid] = nil
+      if w.exists then
+        w.active = math.max((w.active or 0) + delta, 0)
+        w.dirty.active = true
+      end
+    end
   end
   return w
 end
@@ -70,17 +99,18 @@ local function count_request(wid, now)
     wset(w, 'bi', idx)
     wset(w, 'c', 1)
   end
+  if wid ~= '' then wset(w, 't', now) end
 end
 
 -- Tracked workloads: a known id, or a new one while under the cap. Others score as anonymous.
 -- A workload is known (in the workloads set) exactly when its hash exists: both are created by
--- the call that tracks it and deleted together by maintain.lua.
+-- the call that tracks it and deleted together by maintain.lua. The set's score is only the
+-- time it was first tracked (maintain.lua reads the hash's t before it expires anything), so a
+-- known workload costs no write here.
 local function track(wid, now)
   if wid == '' then return '' end
-  if CFG.maxTracked > 0 and not wstate(wid).exists
-    and rcall('ZCARD', K_WORKLOADS) >= CFG.maxTracked then
-    return ''
-  end
+  if wstate(wid).exists then return wid end
+  if CFG.maxTracked > 0 and rcall('ZCARD', K_WORKLOADS) >= CFG.maxTracked then return '' end
   rcall('ZADD', K_WORKLOADS, int(now), wid)
   return wid
 end
@@ -104,12 +134,17 @@ local function add_active(wid, delta)
   wset(w, 'active', (w.active or 0) + delta)
 end
 
-local function workload_done(wid, now)
-  local w = wstate(wid)
-  -- An expired or never-tracked workload has no counters to decrement; do not resurrect it.
-  if wid ~= '' and not w.exists then return end
-  wset(w, 'active', math.max((w.active or 0) - 1, 0))
-  if wid ~= '' then rcall('ZADD', K_WORKLOADS, 'XX', int(now), wid) end
+-- One of the workload's requests left (released, dropped). An expired or never-tracked workload
+-- has no counters to decrement; do not resurrect it. A tracked workload with a request queued
+-- or in flight is never expired (maintain.lua), so its hash exists.
+local function workload_done(wid)
+  local w = WS[wid]
+  if w then
+    if wid ~= '' and not w.exists then return end
+    wset(w, 'active', math.max((w.active or 0) - 1, 0))
+  else
+    PENDING[wid] = (PENDING[wid] or 0) - 1
+  end
 end
 
 -- A workload's average wait (s) and request rate (req/s) at `now`; zero for anonymous traffic,
@@ -122,15 +157,33 @@ local function workload_metrics(wid, now)
   return ema, rate_from(w.bi, w.c or 0, w.p or 0, now)
 end
 
-local function idle_active(wid)
-  return wstate(wid).active or 0
+local function groups_of(wid)
+  return wstate(wid).groups
+end
+
+local function group_set(wid, suffix, best)
+  local w = wstate(wid)
+  w.groups[suffix] = best
+  w.dirty_groups[suffix] = true
+end
+
+-- Deletes the fields of groups that emptied (written as '' by flush_workloads).
+local function compact_workload(wid)
+  local w = wstate(wid)
+  local gone = {}
+  for _, f in ipairs(w.blank) do
+    if not w.dirty_groups[string.sub(f, #WGROUP_FIELD + 1)] then gone[#gone + 1] = f end
+  end
+  if #gone > 0 then rcall('HDEL', wkey(wid), unpack(gone)) end
+  w.blank = {}
 end
 
 local function forget_workload(wid)
   WS[wid] = nil
+  PENDING[wid] = nil
 end
 
-local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int }
+local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 local function flush_workloads()
   for wid, w in pairs(WS) do
     local args = {}
@@ -138,7 +191,26 @@ local function flush_workloads()
       args[#args + 1] = field
       args[#args + 1] = WRITE_AS[field](w[field])
     end
+    -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
+    for suffix in pairs(w.dirty_groups) do
+      args[#args + 1] = WGROUP_FIELD .. suffix
+      local best = w.groups[suffix]
+      args[#args + 1] = best and encode_best(best.key, best.member) or ''
+    end
     if #args > 0 then rcall('HSET', wkey(wid), unpack(args)) end
-    w.dirty = {}
+    w.dirty, w.dirty_groups = {}, {}
   end
+  for wid, delta in pairs(PENDING) do
+    local left = rcall('HINCRBY', wkey(wid), 'active', delta)
+    if left < 0 then
+      -- Only if the invariant above was broken (data lost): never leave a negative count, and
+      -- never a hash holding nothing but it.
+      if rcall('HLEN', wkey(wid)) == 1 then
+        rcall('DEL', wkey(wid))
+      else
+        rcall('HSET', wkey(wid), 'active', 0)
+      end
+    end
+  end
+  PENDING = {}
 end

@@ -5,7 +5,7 @@
   They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
   runs them calls flush_state() before it returns.
   Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease),
-  op_release(now, caller, id).
+  op_release(override, caller, id).
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
 -- @include contract
@@ -23,20 +23,20 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   local wid = track(raw_wid, now)
   count_request(wid, now)
   local st = stats()
+  local num = owner_num(caller)
 
   if st.qn == 0 and st.inflight < CFG.limit and now >= CFG.hold then
     -- Fast path: nothing waits, so nothing better waits; no queue structure is touched, and no
     -- lane of the workload exists to re-rank.
     local id = item_id(stat_add('seq', 1))
-    stat_add('inflight', 1)
     add_active(wid, 1)
     -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
     if lease > 0 then
-      rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now, 1))
+      rcall('HSET', K_LEASED, id, encode_leased(caller, wid, now))
       rcall('ZADD', K_LEASES, int(now + lease), id)
+      stat_add('inflight', 1)
     else
-      rcall('HSET', K_INFLIGHT, id, encode_inflight(caller, wid, now))
-      rcall('SADD', K_OWN .. caller, id)
+      hold_slot(num, id, wid, now)
     end
     record_wait(wid, 0)
     return reply(S_DISPATCHED, id, '0', out)
@@ -53,11 +53,10 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   end
 
   local id = item_id(stat_add('seq', 1))
-  local raw = encode_item(caller, band, flow, wid, crit, bytes, now, now + ttl, lease)
+  local raw = encode_item(num, band, flow, wid, crit, bytes, now, ttl, lease)
   -- Its lane, if new, is ranked with the workload's others, by the re-rank that follows.
   queue_item(id, raw, parse_item(raw), now, wid ~= '')
   add_active(wid, 1)
-  rcall('SADD', K_OWN .. caller, id)
   if wid ~= '' then rerank_workload(wid, now) end
   dispatch_ready(caller, now, out)
 
@@ -71,10 +70,11 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   return reply(S_QUEUED, id, '', out)
 end
 
--- Frees an in-flight slot and dispatches whatever that frees. Idempotent.
-local function op_release(now, caller, id)
+-- Frees an in-flight slot and dispatches whatever that frees. Idempotent. The clock is read only
+-- when something waits (`override` is the caller's time override).
+local function op_release(override, caller, id)
   local out = {}
-  if not release_item(id, now) then return reply(S_NOT_FOUND, id, '', out) end
-  dispatch_ready(caller, now, out)
+  if not release_item(caller, id) then return reply(S_NOT_FOUND, id, '', out) end
+  if stats().qn > 0 then dispatch_ready(caller, clock(override), out) end
   return reply(S_DISPATCHED, id, '', out)
 end

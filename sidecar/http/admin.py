@@ -36,7 +36,7 @@ async def readyz(request: web.Request) -> web.Response:
     store = service.controller.store
     try:
         async with asyncio.timeout(service.config.redis.timeout * 4):
-            configured = await store.client.hexists(store.key(contract.CFG), "epoch")
+            configured = await store.client.hexists(store.key(contract.POOL), "epoch")
     except Exception as exc:  # timeouts, OSError, redis-py's own hierarchy: all mean not ready
         return web.Response(status=503, text=f"store unreachable: {exc}\n")
     if not configured:

@@ -86,10 +86,27 @@ class WorkloadAwareOrdering(
         return wait_part + crit_part - rate_part
 
     def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
-        # Negated so that lower keys go first, like every other policy. ``enqueued_ms`` is relative
-        # to the pool's epoch, which keeps the aging product small and exact enough.
+        """Minus the score plus the aging term: lower keys go first, like every other policy.
+
+        It is the sum of a part of the workload and a part of the lane's head, in this order,
+        so the scripts can rank a workload's lanes among themselves by the head part alone and
+        the workload once, by its best lane (lua/includes/ordering.lua; same doubles)."""
+        return self.workload_key(metrics) + self.head_key(item)
+
+    def workload_key(self, metrics: WorkloadView) -> float:
+        wait_part = (
+            min(metrics.avg_wait_s / self.max_wait_time_seconds, 1.0) * self.wait_time_weight
+        )
+        rate_part = (
+            min(metrics.request_rate / self.max_request_rate, 1.0) * self.request_rate_weight
+        )
+        return rate_part - wait_part
+
+    def head_key(self, item: QueuedItem) -> float:
+        # ``enqueued_ms`` is relative to the pool's epoch, which keeps the aging product small
+        # and exact enough.
         age_part = self.aging_weight * (item.enqueued_ms / 1000.0) / self.max_wait_time_seconds
-        return -(self.score(item.criticality, metrics) - age_part)
+        return age_part - (item.criticality / 5.0) * self.criticality_weight
 
     def lua_parameters(self) -> list[float]:
         return [

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, NamedTuple
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar import contract
 from sidecar.breaker import CircuitBreaker
@@ -23,7 +23,7 @@ from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
 from sidecar.policies import WorkloadAwareOrdering
 from sidecar.store.coalesce import Coalescer, Operation
-from sidecar.store.scripts import load_scripts
+from sidecar.store.scripts import function_name, library
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,6 @@ class PoolStore:
         self.breaker = breaker
         self.epoch = 0  # the pool's epoch as last seen by configure or heartbeat
         self._keys = [self.prefix]
-        self._scripts = load_scripts(client)
         self._config_args = encode_config(config)
         # Where outcomes of this replica's items go (the flow controller sets it).
         self.sink: Sink = lambda _deliveries: None
@@ -177,18 +176,32 @@ class PoolStore:
         await self.configure(now)
 
     async def _run(self, name: str, args: Sequence[object]) -> list[Any]:
-        script = self._scripts[name]
         guard = self.breaker.guard() if self.breaker is not None else nullcontext()
         with guard:
             try:
                 with self._timer(name):
-                    return await self._run_once(script, name, args)
+                    return await self._run_once(name, args)
             except RedisError as exc:
                 raise StoreError(f"{name}: {exc}") from exc
 
-    async def _run_once(self, script: Any, name: str, args: Sequence[object]) -> list[Any]:
+    async def _fcall(self, name: str, args: Sequence[object]) -> list[Any]:
+        """Calls the script's function; loads the library first where Redis lacks it (a new or
+        restarted Redis, a new version of the sidecar, a cluster node that just joined)."""
+        function = function_name(name)
         try:
-            result: list[Any] = await script(keys=self._keys, args=list(args))
+            result: list[Any] = await self.client.fcall(
+                function, len(self._keys), *self._keys, *args
+            )
+        except ResponseError as exc:
+            if "function not found" not in str(exc).lower():
+                raise
+            await self.client.function_load(library()[1], replace=True)
+            result = await self.client.fcall(function, len(self._keys), *self._keys, *args)
+        return result
+
+    async def _run_once(self, name: str, args: Sequence[object]) -> list[Any]:
+        try:
+            result: list[Any] = await self._fcall(name, args)
         except RedisConnectionError:
             # A pooled connection can be dead (Redis restarted): so are its idle siblings, and
             # each would fail one request when next used. Drop them all now.
@@ -197,7 +210,7 @@ class PoolStore:
             # enqueue would take two places.
             if name not in IDEMPOTENT_SCRIPTS:
                 raise
-            result = await script(keys=self._keys, args=list(args))
+            result = await self._fcall(name, args)
         return result
 
     async def _drop_idle_connections(self) -> None:
@@ -361,7 +374,7 @@ class PoolStore:
         return deliveries
 
     async def renew(self, item_id: str, lease_ms: int, now: int | None = None) -> bool:
-        raw = await self._call("renew", now, item_id, lease_ms)
+        raw = await self._call("renew", now, item_id, lease_ms, self.replica_id)
         return int(raw[0]) == 1
 
     async def reregister(
@@ -377,7 +390,7 @@ class PoolStore:
     async def pool_time(self, now: int | None = None) -> int:
         """Pool-relative ms (the scripts' clock): ``now`` or Redis TIME, minus the pool's epoch."""
         try:
-            epoch = await self.client.hget(self.key(contract.CFG), "epoch")
+            epoch = await self.client.hget(self.key(contract.POOL), "epoch")
             if now is None:
                 secs, micros = await self.client.time()
                 now = int(secs) * 1000 + int(micros) // 1000

@@ -9,6 +9,7 @@ sidecar/contract.py. redis-py's Script object handles SCRIPT LOAD, EVALSHA and N
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from functools import cache
@@ -82,11 +83,57 @@ def _read_include(name: str) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
+_INIT = re.compile(r"^local function (init_\w+)\(\)", re.M)
+
+
+def _split_script(name: str) -> tuple[str, str]:
+    """A script's header and include lines, and its body (what follows the last include)."""
+    lines = (_lua_dir() / f"{name}.lua").read_text().splitlines(keepends=True)
+    last = max(i for i, line in enumerate(lines) if _INCLUDE.match(line.rstrip("\r\n")))
+    return "".join(lines[: last + 1]), "".join(lines[last + 1 :])
+
+
+def _begin_call(expanded: str) -> str:
+    """``begin_call(prefix)``: every call runs it first, to set the keys of its pool and the
+    per-call state of each include that keeps some (its ``init_<include>``)."""
+    inits = "".join(f"  {init}()\n" for init in _INIT.findall(expanded))
+    return f"local function begin_call(p)\n  set_prefix(p)\n{inits}end\n"
+
+
 @cache
 def script_source(name: str) -> str:
-    """A script with its includes expanded in place."""
-    text = (_lua_dir() / f"{name}.lua").read_text()
-    return expand_includes(f"{name}.lua", text, _read_include)
+    """A script for EVAL: its includes expanded in place, then its body."""
+    head, body = _split_script(name)
+    expanded = expand_includes(f"{name}.lua", head, _read_include)
+    return f"{expanded}{_begin_call(expanded)}begin_call(KEYS[1])\n{body}"
+
+
+@cache
+def library() -> tuple[str, str]:
+    """The function library with every script (FUNCTION LOAD once, then FCALL): its name and
+    source. Each script becomes the function ``<library>_<script>``; the library's name holds a
+    hash of its source, so replicas of different versions can share a Redis."""
+    parts = [_split_script(name) for name in SCRIPT_NAMES]
+    heads = "".join(
+        line
+        for head, _ in parts
+        for line in head.splitlines(keepends=True)
+        if _INCLUDE.match(line.rstrip("\r\n"))
+    )
+    expanded = expand_includes("library", heads, _read_include)
+    units = [expanded, _begin_call(expanded)]
+    for name, (_, body) in zip(SCRIPT_NAMES, parts, strict=True):
+        units.append(
+            f"redis.register_function('%(lib)s_{name}', function(KEYS, ARGV)\n"
+            f"begin_call(KEYS[1])\n{body}end)\n"
+        )
+    code = "".join(units)
+    lib = "admission_sidecar_" + hashlib.sha1(code.encode()).hexdigest()[:12]
+    return lib, f"#!lua name={lib}\n" + code.replace("%(lib)s", lib)
+
+
+def function_name(script: str) -> str:
+    return f"{library()[0]}_{script}"
 
 
 def load_scripts(client: Any) -> dict[str, Any]:
@@ -104,8 +151,7 @@ _HEADER = """--[[
   (numbers as Redis should store them); split; encode_<record>(...) and parse_<record>(raw).
   Needs: nothing.
 ]]
-local rcall = redis.call
-local P = KEYS[1]
+local rcall
 """
 
 _HELPERS = """local function item_id(seq) return string.format('%%0%dd', seq) end
@@ -165,15 +211,33 @@ def _parse_lua(record: contract.Record) -> str:
 def contract_lua() -> str:
     """The ``contract`` include, generated from sidecar/contract.py."""
     lines = [_HEADER]
-    lines += [f"local K_{k.name} = P .. {_lua_string(k.suffix)}\n" for k in contract.KEYS]
+    # Keys depend on the pool, so on the call: begin_call sets them (a function library is
+    # loaded once for every pool).
+    lines.append("local P, " + ", ".join(f"K_{k.name}" for k in contract.KEYS) + "\n")
+    # redis.call exists only inside a call (not while a library loads).
+    lines.append("local function set_prefix(p)\n  rcall = redis.call\n  P = p\n")
+    lines += [f"  K_{k.name} = p .. {_lua_string(k.suffix)}\n" for k in contract.KEYS]
+    lines.append("end\n")
     for name in (
         "CFG_BAND",
         "CFG_BAND_DEFAULT",
         "CFG_BAND_NEGATIVE",
+        "BAND_QUEUED",
+        "BAND_BYTES",
+        "RR_CURSOR",
+        "REPLICA_NUMBER",
+        "OWNER_ID",
+        "OWNER_QUEUED",
+        "RECLAIM",
+        "WGROUP_FIELD",
+        "GROUP_SEP",
+        "SEP",
         "RANK_FLOW_SEP",
         "ID_LIST_SEP",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
+    for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS"):
+        lines.append(f"local {name} = {getattr(contract, name)}\n")
     lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
@@ -181,4 +245,15 @@ def contract_lua() -> str:
     lines.append(_HELPERS % (contract.ID_WIDTH, _lua_string(contract.SEP)))
     for record in contract.RECORDS:
         lines += [_encode_lua(record), _parse_lua(record)]
+    lines.append(_BEST)
     return "".join(lines)
+
+
+# A workload's best lane ('key|rank member'): the member holds SEP itself, so only the first SEP
+# splits (Python twin: contract.split_best).
+_BEST = """local function encode_best(key, member) return fmt(key) .. SEP .. member end
+local function parse_best(raw)
+  local j = string.find(raw, SEP, 1, true)
+  return { key = tonumber(string.sub(raw, 1, j - 1)), member = string.sub(raw, j + 1) }
+end
+"""

@@ -626,7 +626,7 @@ class LoadDriver:
     def enqueue_args(self) -> list[object]:
         workload, criticality, flow, _ = shape(self.made)
         self.made += 1
-        return [0, flow, workload, criticality, BYTES, TTL_MS, 0]
+        return [0, flow, workload, criticality, BYTES, TTL_MS, 0, 0, 0]
 
     async def prepare(self) -> None:
         await self.client.function_load(library()[1], replace=True)

@@ -7,7 +7,8 @@
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2] caller replica id
     ARGV[3..] operations, back to back:
-              'e', band, flow, workload, criticality, bytes, ttl ms, lease ms  (as enqueue.lua)
+              'e', band, flow, workload, criticality, bytes, ttl ms, lease ms, tokens,
+                   slo ms                                                  (as enqueue.lua)
               'r', item id                                                     (as release.lua)
   Output:
     { reply, reply, ... } one per operation, each as its script returns it; or { -1 } no config.
@@ -18,9 +19,10 @@ local caller = ARGV[2]
 local replies, i = {}, 3
 while i <= #ARGV do
   if ARGV[i] == 'e' then
-    replies[#replies + 1] = op_enqueue(clock(ARGV[1]), caller, ARGV[i + 1], ARGV[i + 2], ARGV[i + 3],
-      tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]))
-    i = i + 8
+    replies[#replies + 1] = op_enqueue(clock(ARGV[1]), caller, ARGV[i + 1], ARGV[i + 2],
+      ARGV[i + 3], tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]),
+      tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]), tonumber(ARGV[i + 9]))
+    i = i + 10
   elseif ARGV[i] == 'r' then
     replies[#replies + 1] = op_release(ARGV[1], caller, ARGV[i + 1])
     i = i + 2

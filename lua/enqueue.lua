@@ -14,6 +14,8 @@
     ARGV[7] request size, bytes
     ARGV[8] TTL in the queue, ms
     ARGV[9] lease, ms, for a slot held outside this replica (0 = held by the replica)
+    ARGV[10] estimated tokens (concurrency detector, tokens or hybrid mode)
+    ARGV[11] TTFT objective, ms, for slo-deadline ordering (0 = none)
   Output:
     { status, item id, wait ms, outcome... } with status 1 dispatched, 0 queued,
     2 rejected_capacity, -1 no config; each following 'id|status|wait_ms' is another item of the
@@ -22,6 +24,7 @@
 -- @include transitions
 if not load_cfg() then return { S_NO_CONFIG } end
 local r = op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),
-  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]))
+  tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]) or 0,
+  tonumber(ARGV[11]) or 0)
 flush_state()
 return r

@@ -9,7 +9,8 @@
     ARGV[2] replica id
     ARGV[3] grace, ms
     ARGV[4] number of held slots that follow
-    ARGV[5..] pairs for each held slot: item id, workload id (escaped; '' = anonymous)
+    ARGV[5..] triples for each held slot: item id, workload id (escaped; '' = anonymous),
+              estimated tokens
     ARGV[...] then the ids of the replica's queued requests
   Output:
     { 1, 'released|readded|dropped', missing, outcome... }: counts of in-flight items released
@@ -25,9 +26,11 @@ local replica, grace = ARGV[2], tonumber(ARGV[3])
 local num = owner_num(replica)
 local hk = K_HELD .. num
 local held, queued, i = {}, {}, 5
+local held_tok = {}
 for _ = 1, tonumber(ARGV[4]) do
   held[ARGV[i]] = ARGV[i + 1]
-  i = i + 2
+  held_tok[ARGV[i]] = tonumber(ARGV[i + 2])
+  i = i + 3
 end
 while i <= #ARGV do
   queued[ARGV[i]] = true
@@ -67,17 +70,18 @@ end
 for id, wid in pairs(held) do
   if rcall('HEXISTS', hk, id) == 0 and rcall('HEXISTS', K_LEASED, id) == 0 then
     local q = item_get(id)
+    local tok = held_tok[id]
     if q then
       -- Its dispatch was lost but the request runs: out of the queue, into the count. Its
       -- workload's active count already includes it.
       local rec = parse_item(q)
       unqueue_item(id, rec, now)
-      wid = rec.wid
+      wid, tok = rec.wid, rec.tok
     else
       wid = track(wid, now)
       add_active(wid, 1)
     end
-    hold_slot(num, id, wid, now)
+    hold_slot(num, id, wid, now, tok)
     readded = readded + 1
   end
 end

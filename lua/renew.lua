@@ -21,7 +21,7 @@ if rcall('HEXISTS', K_LEASED, id) == 0 then
   if not raw then return { S_NOT_FOUND } end
   local f = parse_held(raw)
   rcall('HDEL', K_HELD .. num, id)
-  rcall('HSET', K_LEASED, id, encode_leased(ARGV[4], f.wid, f.since))
+  rcall('HSET', K_LEASED, id, encode_leased(ARGV[4], f.wid, f.since, f.tok))
 end
 rcall('ZADD', K_LEASES, int(now + tonumber(ARGV[3])), id)
 return { 1 }

@@ -7,8 +7,9 @@
     KEYS[1] pool prefix 'as:{<pool>}:'
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2] replica id
-    ARGV[3..] triples: item id, workload id (escaped; '' = anonymous), lease ms: 0 for a slot the
-              replica holds itself, else the remaining lease of a ticket it issued
+    ARGV[3..] quadruples: item id, workload id (escaped; '' = anonymous), lease ms: 0 for a slot
+              the replica holds itself, else the remaining lease of a ticket it issued, and its
+              estimated tokens
   Output:
     { number of slots added }, or { -1 } no config.
 ]]
@@ -17,16 +18,14 @@ if not load_cfg() then return { S_NO_CONFIG } end
 local now = clock(ARGV[1])
 local replica, added = ARGV[2], 0
 local num = owner_num(replica)
-for i = 3, #ARGV - 2, 3 do
-  local id, wid, lease = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+for i = 3, #ARGV - 3, 4 do
+  local id, wid, lease, tok = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if rcall('HEXISTS', K_HELD .. num, id) == 0 and rcall('HEXISTS', K_LEASED, id) == 0 then
     wid = track(wid, now)
     if lease > 0 then
-      rcall('HSET', K_LEASED, id, encode_leased(replica, wid, now))
-      rcall('ZADD', K_LEASES, int(now + lease), id)
-      stat_add('inflight', 1)
+      lease_slot(replica, id, wid, now, lease, tok)
     else
-      hold_slot(num, id, wid, now)
+      hold_slot(num, id, wid, now, tok)
     end
     add_active(wid, 1)
     added = added + 1

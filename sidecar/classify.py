@@ -38,17 +38,22 @@ OBJECTIVE_HEADER = "x-llm-d-inference-objective"
 # shorten the wait: the result is capped by the configured maximum. llm-d has no per-request TTL
 # header (consts.go lists none); this one takes llm-d's naming so all three read alike.
 TTL_HEADER = "x-llm-d-inference-ttl"
+# The time-to-first-token objective in ms, which slo-deadline ordering orders by (llm-d's
+# consts.go TTFTSLOHeaderKey, old name OldTTFTSLOHeaderKey).
+SLO_TTFT_HEADER = "x-llm-d-slo-ttft-ms"
 # The older Gateway API Inference Extension names, still read. As in llm-d (consts.go
 # headerAliases), the current name wins when both are sent and the old one is then not read at all.
 OLD_NAMES: Mapping[str, str] = {
     FAIRNESS_ID_HEADER: "x-gateway-inference-fairness-id",
     OBJECTIVE_HEADER: "x-gateway-inference-objective",
     TTL_HEADER: "x-gateway-inference-ttl",
+    SLO_TTFT_HEADER: "x-slo-ttft-ms",
 }
 
 _OLD_OBJECTIVE = OLD_NAMES[OBJECTIVE_HEADER]
 _OLD_FAIRNESS_ID = OLD_NAMES[FAIRNESS_ID_HEADER]
 _OLD_TTL = OLD_NAMES[TTL_HEADER]
+_OLD_SLO_TTFT = OLD_NAMES[SLO_TTFT_HEADER]
 
 # Headers meant for the sidecar alone; stripped before forwarding, under both names. x-request-id is
 # not among them: it travels upstream and is echoed back.
@@ -148,6 +153,9 @@ def classify(
     ttl_ms = default_ttl
     if present(TTL_HEADER) is not None or present(_OLD_TTL) is not None:
         ttl_ms = _or_default(strict, default_ttl, _ttl_ms, headers, default_ttl, max_ttl_ms)
+    slo_ttft_ms = 0
+    if present(SLO_TTFT_HEADER) is not None or present(_OLD_SLO_TTFT) is not None:
+        slo_ttft_ms = _or_default(strict, 0, _slo_ttft_ms, headers)
     return FlowControlRequest(
         request_id=request_id or (request_id_factory or _new_request_id)(),
         fairness_id=fairness_id,
@@ -158,6 +166,7 @@ def classify(
         objective=objective,
         ttl_ms=ttl_ms,
         workload=parse_workload(headers, strict),
+        slo_ttft_ms=slo_ttft_ms,
     )
 
 
@@ -268,6 +277,20 @@ def _ttl_ms(headers: Mapping[str, str], default_ms: int, max_ms: int) -> int:
         raise HeaderError(header, "duration must be greater than zero")
     # Round up so a positive sub-millisecond TTL does not become zero.
     return min(math.ceil(ms), max_ms)
+
+
+def _slo_ttft_ms(headers: Mapping[str, str]) -> int:
+    """Milliseconds, a positive number (llm-d reads it as a float); rounded up to whole ms."""
+    header, value = _aliased(headers, SLO_TTFT_HEADER)
+    if value is None:
+        return 0
+    try:
+        ms = float(value)
+    except ValueError:
+        raise HeaderError(header, "must be a number of milliseconds") from None
+    if not (math.isfinite(ms) and ms > 0):
+        raise HeaderError(header, "must be a number of milliseconds greater than zero")
+    return min(math.ceil(ms), 2**31)
 
 
 def _decode_context(raw: str, strict: bool) -> WorkloadContext:

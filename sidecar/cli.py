@@ -90,7 +90,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
-    _run(run_demo(seconds=args.seconds))
+    _run(run_demo(seconds=args.seconds, utilization=args.detector == "utilization"))
     return 0
 
 
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
     demo = sub.add_parser("demo", help="watch the policy work on simulated traffic (embedded)")
     demo.add_argument("--seconds", type=float, default=20.0, help="length of the traffic run")
+    demo.add_argument(
+        "--detector",
+        choices=("concurrency", "utilization"),
+        default="concurrency",
+        help="concurrency: a fixed global limit; utilization: the simulated vLLM server's /metrics",
+    )
     demo.set_defaults(func=cmd_demo)
     status = sub.add_parser("status", help="print a pool's live state from Redis")
     status.add_argument("--redis-url", required=True)

@@ -6,6 +6,7 @@ Every field has a default; unknown keys and bad values fail with a message namin
 from __future__ import annotations
 
 import enum
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ class FlowControlConfig(_Struct):
 
 
 class SaturationDetectorConfig(_Struct):
-    type: str = "concurrency-detector"
+    type: str = "concurrency-detector"  # or "utilization-detector" (sidecar/telemetry/)
     parameters: dict[str, Any] = msgspec.field(default_factory=lambda: {"maxConcurrency": 64})
 
 
@@ -147,7 +148,41 @@ class Config(_Struct):
 
     @property
     def max_concurrency(self) -> int:
-        return int(self.saturation_detector.parameters["maxConcurrency"])
+        """The concurrency detector's limit; 0 under the utilization detector (no fixed limit:
+        the model servers' own metrics decide)."""
+        return int(self.saturation_detector.parameters.get("maxConcurrency", 0))
+
+    @property
+    def utilization(self) -> bool:
+        return self.saturation_detector.type == UTILIZATION_DETECTOR
+
+    @property
+    def concurrency_mode(self) -> str:
+        """requests, tokens or hybrid (the concurrency detector); '' for the utilization one."""
+        if self.utilization:
+            return ""
+        return str(self.saturation_detector.parameters.get("concurrencyMode", "requests"))
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Requests need a token estimate (tokens or hybrid mode)."""
+        return self.concurrency_mode in ("tokens", "hybrid")
+
+    def _with_headroom(self, key: str) -> int:
+        p = self.saturation_detector.parameters
+        return math.floor(int(p[key]) * (1 + float(p.get("headroom", 0.0))))
+
+    @property
+    def request_limit(self) -> int | None:
+        """Requests in flight allowed (headroom included); None: no request limit."""
+        if self.concurrency_mode not in ("requests", "hybrid"):
+            return None
+        return self._with_headroom("maxConcurrency")
+
+    @property
+    def token_limit(self) -> int | None:
+        """Estimated tokens in flight allowed (headroom included); None: no token limit."""
+        return self._with_headroom("maxTokenConcurrency") if self.counts_tokens else None
 
     def band(self, priority: int) -> ResolvedBand:
         """The band for a priority: its own entry if listed, else its template."""
@@ -262,17 +297,51 @@ def _validate_band(band: BandConfig, fc: FlowControlConfig, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
+CONCURRENCY_DETECTOR = "concurrency-detector"
+# llm-d's concurrencyMode values: a limit on requests in flight, on estimated tokens in flight
+# (sidecar/tokens.py), or both.
+CONCURRENCY_MODES = ("requests", "tokens", "hybrid")
+UTILIZATION_DETECTOR = "utilization-detector"
+
+
 def _validate_detector(det: SaturationDetectorConfig) -> None:
-    if det.type != "concurrency-detector":
+    if det.type == UTILIZATION_DETECTOR:
+        # Imported here: the telemetry package pulls in aiohttp's client, which config does not
+        # otherwise need.
+        from sidecar.telemetry import DetectorSettings
+
+        try:
+            DetectorSettings.from_parameters(det.parameters)
+        except ValueError as exc:
+            raise ConfigError(f"saturationDetector.parameters.{exc}") from exc
+        return
+    if det.type != CONCURRENCY_DETECTOR:
         raise ConfigError(
-            f"saturationDetector.type: unknown {det.type!r}; known: concurrency-detector"
+            f"saturationDetector.type: unknown {det.type!r}; known: {CONCURRENCY_DETECTOR}, "
+            f"{UTILIZATION_DETECTOR}"
         )
-    unknown = set(det.parameters) - {"maxConcurrency"}
+    p = det.parameters
+    unknown = set(p) - {"maxConcurrency", "concurrencyMode", "maxTokenConcurrency", "headroom"}
     if unknown:
         raise ConfigError(f"saturationDetector.parameters: unknown key {sorted(unknown)[0]!r}")
-    limit = det.parameters.get("maxConcurrency")
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ConfigError("saturationDetector.parameters.maxConcurrency: must be an integer >= 1")
+    mode = p.get("concurrencyMode", "requests")
+    if mode not in CONCURRENCY_MODES:
+        raise ConfigError(
+            f"saturationDetector.parameters.concurrencyMode: {mode!r} is not one of "
+            + ", ".join(CONCURRENCY_MODES)
+        )
+    # As llm-d's concurrency detector: each limit is required only by the modes that use it.
+    for key, used in (("maxConcurrency", "requests"), ("maxTokenConcurrency", "tokens")):
+        value = p.get(key)
+        if value is None and mode in (used, "hybrid"):
+            raise ConfigError(f"saturationDetector.parameters.{key}: required in {mode} mode")
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ConfigError(f"saturationDetector.parameters.{key}: must be an integer >= 1")
+    headroom = p.get("headroom", 0.0)
+    if isinstance(headroom, bool) or not isinstance(headroom, int | float) or not headroom >= 0:
+        raise ConfigError("saturationDetector.parameters.headroom: must be a number >= 0")
 
 
 def load_config(data: str | bytes | dict[str, Any] | None) -> Config:

@@ -40,6 +40,7 @@ ANON = "anon"
 WORKLOADS = "workloads"
 REPLICAS = "replicas"
 INBOX = "inbox:"
+SCRAPE = "scrape"
 
 # Fields of the workload counters (w:<workload> and anon): the rate window's bucket index, its
 # count and the previous bucket's, the EMA of waits (s), dispatches, queued + in flight, last
@@ -63,11 +64,23 @@ CFG_FIELDS = (
     "idle",
     "maxTracked",
     "recover",
+    # The utilization detector (absent: the concurrency detector): 'u', how old a sample may be
+    # (ms), queueDepthThreshold and headroom (the dispatch bound between samples).
+    "det",
+    "stale",
+    "qdt",
+    "head",
+    # The concurrency detector's token limit (tokens or hybrid mode; absent: none).
+    "tokLimit",
 )
+DETECTOR_UTILIZATION = "u"
+# The newest saturation sample (lua/sample.lua): pool saturation, its pool time, stale and all
+# endpoints, and the dispatches since it was written.
+SAMPLE_FIELDS = ("sat", "satT", "satStale", "satN", "since")
 # Counter fields: queued count and bytes, in-flight count, item sequence, next maintenance time,
 # replica number sequence, next deadline second to sweep, lowest item bucket that may hold a
-# queued item.
-STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo")
+# queued item, estimated tokens in flight.
+STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo", "tok")
 CFG_BAND = "band:"  # band:<priority> holds that band's BAND_CONFIG record
 CFG_BAND_DEFAULT = CFG_BAND + "*"  # the template of unlisted bands
 CFG_BAND_NEGATIVE = CFG_BAND + "-*"  # the template of unlisted negative bands, when configured
@@ -109,7 +122,7 @@ KEYS: tuple[KeySpec, ...] = (
         "hash",
         "configuration (configure.lua) and counters: queued, in flight, sequence, per band, "
         "per replica",
-        CFG_FIELDS + STATS_FIELDS,
+        CFG_FIELDS + STATS_FIELDS + SAMPLE_FIELDS,
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
     KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),
@@ -165,6 +178,13 @@ KEYS: tuple[KeySpec, ...] = (
     ),
     KeySpec("REPLICAS", REPLICAS, "zset", "replica ids by lease expiry (ms)"),
     KeySpec("INBOX", INBOX, "list", "inbox:<replica>: wake-ups (DELIVERY) for a replica"),
+    KeySpec(
+        "SCRAPE",
+        SCRAPE,
+        "string",
+        "the replica holding the pool's scrape lease (utilization detector, "
+        "sidecar/telemetry/lease.py)",
+    ),
 )
 
 
@@ -264,11 +284,13 @@ def _record(name: str, spec: str, required: int | None = None) -> Record:
 
 # A queued item (items:<bucket> hash): its owner's number, its lane's parts, size, enqueue time
 # (ms relative to the pool's epoch), TTL and ticket lease (ms). Short, so buckets stay listpacks.
-ITEM = _record("item", "owner:i band:s flow:s wid:s crit:i bytes:i enq:i ttl:i lease:i")
+# tok: its estimated tokens (concurrency detector, tokens mode); slo: its TTFT objective, ms
+# (slo-deadline ordering; 0 = none).
+ITEM = _record("item", "owner:i band:s flow:s wid:s crit:i bytes:i enq:i ttl:i lease:i tok:i slo:i")
 # A slot a replica holds (held:<owner number>): for which workload, dispatched when.
-HELD_RECORD = _record("held", "wid:s since:i")
+HELD_RECORD = _record("held", "wid:s since:i tok:i")
 # A slot a ticket holds (leased hash): the replica that issued it, the workload, since when.
-LEASED_RECORD = _record("leased", "owner:s wid:s since:i")
+LEASED_RECORD = _record("leased", "owner:s wid:s since:i tok:i")
 # An outcome for a replica's item, in a reply or its inbox.
 DELIVERY = _record("delivery", "id:s status:i wait:i")
 # A lane id: 'band|flow' (fcfs, edf) or 'band|flow|workload|criticality' (workload-aware).
@@ -304,7 +326,10 @@ def split_rank_member(member: str) -> tuple[str, str]:
 # Policy codes in band records (each policy class's ``lua_code``); the scripts see FAIR_<CODE>
 # and ORDER_<CODE>.
 FAIRNESS_CODES = ("gs", "rr")
-ORDERING_CODES = ("fcfs", "edf", "wa")
+ORDERING_CODES = ("fcfs", "edf", "wa", "slo")
+# slo-deadline ordering: a request without an SLO ranks after every one with (its deadline is
+# enq + slo, pool ms), in arrival order among themselves: this plus its sequence.
+NO_SLO_KEY = 2**52
 
 
 # --- Escaping ---------------------------------------------------------------------------------

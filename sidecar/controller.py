@@ -26,6 +26,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.detector import make_scraper
 from sidecar.errors import StoreError
 from sidecar.keys import escape_id, key_id
 from sidecar.lifecycle import Admission, Pending
@@ -78,6 +79,7 @@ class _Hold:
     """A slot this replica holds for a request it forwards."""
 
     workload: str
+    tokens: int = 0
     # Called when the replica loses the slot (its lease lapsed): stops the forwarding.
     on_lost: Callable[[], object] | None = None
 
@@ -88,6 +90,7 @@ class _Ticket:
 
     workload: str
     expires: float  # event-loop time
+    tokens: int = 0
 
 
 class FlowController:
@@ -126,6 +129,8 @@ class FlowController:
         self._tasks: list[asyncio.Task[None]] = []
         # Clean-ups that outlive the request that started them (kept referenced until done).
         self._background: set[asyncio.Task[None]] = set()
+        # The utilization detector's scraper (None under the concurrency detector).
+        self.scraper = make_scraper(store, self._clock)
         self._calls: set[asyncio.Future[Any]] = set()
         self._recovery: asyncio.Future[None] | None = None
         self._reconciling: asyncio.Future[Any] | None = None
@@ -170,6 +175,8 @@ class FlowController:
             asyncio.create_task(self._every(redis.maintenance_interval, self.maintain)),
             asyncio.create_task(self._every(_WATCHDOG_S, self._watch_lease)),
         ]
+        if self.scraper is not None:
+            self._tasks.append(asyncio.create_task(self.scraper.run(), name="scraper"))
 
     async def stop(self, *, deregister: bool = False) -> None:
         """Stops the loops. ``deregister`` ends the replica's lease now, so the others reclaim
@@ -181,6 +188,9 @@ class FlowController:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self.scraper is not None:
+            # Hands the scrape lease over at once (another replica scrapes within ~50 ms).
+            await self.scraper.aclose()
         # Enqueues still on the wire, then the clean-ups their replies may start.
         while self._calls or self._background:
             await asyncio.gather(*self._calls, *self._background, return_exceptions=True)
@@ -236,6 +246,12 @@ class FlowController:
             criticality=request.criticality,
             byte_size=request.byte_size,
             ttl_ms=remaining_ms,
+            tokens=request.tokens,
+            # The objective counts from the request's first enqueue (a re-queue after a Redis
+            # loss keeps its place by it), as the TTL does.
+            slo_ms=max(remaining_ms - request.ttl_ms + request.slo_ttft_ms, 1)
+            if request.slo_ttft_ms
+            else 0,
             lease_ms=pending.lease_ms,
             now=self._clock(),
             direct=direct,
@@ -255,13 +271,13 @@ class FlowController:
         if self._queued.get(item_id) is pending:
             del self._queued[item_id]
 
-    def hold(self, item_id: str, workload: str, lease_ms: int) -> None:
+    def hold(self, item_id: str, workload: str, lease_ms: int, tokens: int = 0) -> None:
         """Records a slot this replica was given: its own (lease 0) or a ticket's."""
         if lease_ms == 0:
-            self._held[item_id] = _Hold(workload)
+            self._held[item_id] = _Hold(workload, tokens)
         else:
             expires = asyncio.get_running_loop().time() + lease_ms / 1000
-            self._tickets[item_id] = _Ticket(workload, expires)
+            self._tickets[item_id] = _Ticket(workload, expires, tokens)
 
     def watch(self, item_id: str, on_lost: Callable[[], object]) -> None:
         """``on_lost`` runs if the replica loses the held slot (its lease lapsed)."""
@@ -354,7 +370,9 @@ class FlowController:
         if renewed:
             known = self._tickets.get(item_id)
             expires = asyncio.get_running_loop().time() + lease_ms / 1000
-            self._tickets[item_id] = _Ticket(known.workload if known else "", expires)
+            self._tickets[item_id] = _Ticket(
+                known.workload if known else "", expires, known.tokens if known else 0
+            )
         return renewed
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -462,7 +480,7 @@ class FlowController:
         after a failover, a release that failed, or calls still on the wire): align it."""
         redis = self.config.redis
         grace_ms = round((redis.heartbeat_interval + 2 * redis.timeout) * 1000)
-        held = [(item_id, hold.workload) for item_id, hold in self._held.items()]
+        held = [(item_id, hold.workload, hold.tokens) for item_id, hold in self._held.items()]
         # Releases wait for this call (see release): the list above must stay true until it ran.
         self._reconciling = asyncio.ensure_future(
             self.store.reconcile(held, list(self._queued), grace_ms, now=self._clock())
@@ -513,7 +531,7 @@ class FlowController:
             len(self._queued),
         )
         await self.store.configure(now, recovering=self._epoch is not None)
-        holdings = [(item_id, hold.workload, 0) for item_id, hold in self._held.items()]
+        holdings = [(item_id, h.workload, 0, h.tokens) for item_id, h in self._held.items()]
         holdings += tickets
         if holdings:
             await self.store.reregister(holdings, now=now, direct=True)
@@ -533,10 +551,10 @@ class FlowController:
                 with contextlib.suppress(StoreError):
                     await asyncio.shield(pending.requeue())
 
-    def _live_tickets(self) -> list[tuple[str, str, int]]:
+    def _live_tickets(self) -> list[tuple[str, str, int, int]]:
         now = asyncio.get_running_loop().time()
         return [
-            (item_id, t.workload, int((t.expires - now) * 1000))
+            (item_id, t.workload, int((t.expires - now) * 1000), t.tokens)
             for item_id, t in self._tickets.items()
             if t.expires - now > 0.001
         ]

@@ -20,7 +20,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 import aiohttp
 
@@ -73,11 +73,16 @@ WORKLOADS = (
 )
 
 
-def demo_config() -> Config:
-    """The pool's policy, scaled to a demo that lasts seconds rather than hours."""
+def demo_config(model_url: str | None = None) -> Config:
+    """The pool's policy, scaled to a demo that lasts seconds rather than hours. With
+    ``model_url``, the utilization detector reads the simulated model server's own /metrics
+    (vLLM's names) instead of counting requests against a fixed limit."""
+    detector: dict[str, Any] = {"parameters": {"maxConcurrency": SLOTS}}
+    if model_url is not None:
+        detector = {"type": "utilization-detector", "parameters": {"endpoints": [model_url]}}
     return load_config(
         {
-            "saturationDetector": {"parameters": {"maxConcurrency": SLOTS}},
+            "saturationDetector": detector,
             "flowControl": {
                 # Generous queues: nothing is refused for lack of room, only for waiting too long.
                 "maxRequests": 10_000,
@@ -245,6 +250,7 @@ def _header(out: TextIO, seconds: float, options: ServeOptions) -> None:
         f"  sidecar   http://{sidecar_host}:{sidecar_port} in front of it, on the embedded store "
         "(no Redis needed);",
         f"            its live state while the demo runs: curl http://{admin_host}:{admin_port}/state",
+        *_detector_lines(options),
         "  policy    workload-aware ordering: high criticality goes first, a workload that sends",
         "            a lot is held back, one whose requests waited long is moved up; a request",
         f"            still queued after {TTL_S:g} s is rejected with 429",
@@ -257,11 +263,24 @@ def _header(out: TextIO, seconds: float, options: ServeOptions) -> None:
     out.flush()
 
 
+def _detector_lines(options: ServeOptions) -> list[str]:
+    if not options.config.utilization:
+        return [f"  detector  concurrency-detector: at most {SLOTS} requests at the model at once"]
+    return [
+        f"  detector  utilization-detector: the model runs {SLOTS} requests, the rest wait inside;",
+        "            the sidecar reads vllm:num_requests_waiting from its /metrics every 50 ms",
+        "            and stops dispatching while 5 or more wait (queueDepthThreshold)",
+    ]
+
+
 def _progress_line(
     out: TextIO, elapsed: float, model: SimulatedModel, server: Server, stats: list[WorkloadStats]
 ) -> None:
+    at_model = f"busy slots {model.in_flight}/{SLOTS}"
+    if model.batch_slots is not None:
+        at_model = f"at the model {model.running} running + {model.waiting} waiting"
     out.write(
-        f"  t={elapsed:4.0f}s   busy slots {model.in_flight}/{SLOTS}   "
+        f"  t={elapsed:4.0f}s   {at_model}   "
         f"queued {server.service.controller.waiting:4d}   "
         f"admitted {sum(s.admitted for s in stats):4d}   "
         f"rejected {sum(s.rejected for s in stats):4d}\n"
@@ -395,20 +414,29 @@ async def _drive(
     return stats
 
 
-async def run_demo(seconds: float = 20.0, *, out: TextIO | None = None) -> DemoReport:
-    """Runs the demo end to end on loopback, prints its table to ``out`` (stdout) and returns it."""
+async def run_demo(
+    seconds: float = 20.0, *, out: TextIO | None = None, utilization: bool = False
+) -> DemoReport:
+    """Runs the demo end to end on loopback, prints its table to ``out`` (stdout) and returns it.
+    ``utilization``: the utilization detector against the simulated vLLM server's /metrics; the
+    server then runs SLOTS requests at once and keeps the rest waiting, as a model server does."""
     out = sys.stdout if out is None else out
     with _quiet_logs():
-        model = SimulatedModel(latency_s=FIRST_TOKEN_S, token_delay_s=TOKEN_DELAY_S)
+        model = SimulatedModel(
+            latency_s=FIRST_TOKEN_S,
+            token_delay_s=TOKEN_DELAY_S,
+            batch_slots=SLOTS if utilization else None,
+        )
         upstream, upstream_port = await start_app(model.app(), HOST)
         try:
             port, admin_port = _free_ports(2)
+            model_url = f"http://{HOST}:{upstream_port}"
             options = ServeOptions(
-                config=demo_config(),
+                config=demo_config(model_url if utilization else None),
                 listen=(HOST, port),
                 admin_listen=(HOST, admin_port),
                 redis_url=None,  # the embedded store: nothing to install
-                upstream=f"http://{HOST}:{upstream_port}",
+                upstream=model_url,
                 replica_id="demo",
             )
             server = Server(options)

@@ -136,7 +136,7 @@ class Pending:
             # Nobody will use this slot (the caller left, or the request already has an outcome).
             self._ctrl.release_later(item_id)
             return
-        self._ctrl.hold(item_id, self.workload, self.lease_ms)
+        self._ctrl.hold(item_id, self.workload, self.lease_ms, self.request.tokens)
         self.settle(Admission(Outcome.DISPATCHED, item_id, wait_ms))
 
     def settle(self, admission: Admission) -> None:

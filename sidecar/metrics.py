@@ -139,15 +139,19 @@ class Metrics:
         self.llmd_saturation = Gauge(
             f"{LLM_D}_pool_saturation",
             "Pool saturation signal gating dispatch: in-flight requests / maxConcurrency "
-            "(concurrency-detector); 1.0 is the gating set point. Only stage 'effective': there "
+            "(concurrency-detector), or the average over endpoints of max(waiting / "
+            "queueDepthThreshold, kvCache / kvCacheUtilThreshold) from the newest sample, 1.0 "
+            "when it is stale (utilization-detector); 1.0 is the gating set point. Only stage "
+            "'effective': there "
             f"are no prefill/decode roles. {POOL_WIDE}",
             ["inference_pool", "stage"],
             registry=r,
         )
         self.llmd_stale_endpoints = Gauge(
             f"{LLM_D}_stale_endpoints",
-            "Endpoints whose metrics are missing or stale. Always 0 for now: the only detector, "
-            "concurrency-detector, reads no endpoint metrics (a utilization detector will). "
+            "Endpoints whose metrics are missing or stale, counted as saturated (fail closed): "
+            "utilization-detector; all of them when its newest sample is itself stale. Always 0 "
+            "under concurrency-detector, which reads no endpoint metrics. "
             f"{POOL_WIDE}",
             ["detector"],
             registry=r,
@@ -346,7 +350,8 @@ class Metrics:
             gauge.clear()
         self.saturation.labels(pool).set(snapshot.saturation)
         self.llmd_saturation.labels(pool, "effective").set(snapshot.saturation)
-        self.llmd_stale_endpoints.labels(DETECTOR).set(0)
+        self.llmd_stale_endpoints.clear()
+        self.llmd_stale_endpoints.labels(snapshot.detector).set(snapshot.stale_endpoints)
         self.inflight.labels(pool).set(snapshot.inflight)
         self.old_inflight.labels(pool).set(snapshot.inflight)
         for band in snapshot.bands:

@@ -23,6 +23,12 @@ class FlowControlRequest(msgspec.Struct, frozen=True):
     # Time the request may wait in the queue, already capped by the configured maximum.
     ttl_ms: int = 30_000
     workload: WorkloadContext | None = None
+    # Estimated tokens (prompt + completion budget; sidecar/tokens.py), charged against the
+    # concurrency detector's maxTokenConcurrency in tokens or hybrid mode. 0 = not estimated.
+    tokens: int = 0
+    # Time-to-first-token objective, ms (x-llm-d-slo-ttft-ms), which slo-deadline ordering
+    # orders by. 0 = none.
+    slo_ttft_ms: int = 0
 
     @property
     def workload_id(self) -> str:

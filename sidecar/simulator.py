@@ -131,6 +131,9 @@ class SimulatedModel:
     metrics_failure: MetricsFailure | None = None
     # GET /metrics received, answered or not.
     metrics_scrapes: int = 0
+    # Estimated tokens (sidecar/tokens.py) of the requests inside the server, and their peak.
+    tokens_in_flight: int = 0
+    peak_tokens: int = 0
     # Requests holding a batch slot, and their estimated tokens.
     running: int = 0
     running_tokens: int = 0
@@ -233,6 +236,8 @@ class SimulatedModel:
     async def _arrive(self, request: web.Request, tokens: int = 0) -> Arrival:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
+        self.tokens_in_flight += tokens
+        self.peak_tokens = max(self.peak_tokens, self.tokens_in_flight)
         headers = {k.lower(): v for k, v in request.headers.items()}
         arrival = Arrival(request.path, headers, time.monotonic(), self.in_flight)
         self.arrivals.append(arrival)
@@ -242,18 +247,21 @@ class SimulatedModel:
             await self._run_when_scheduled(tokens)
         except BaseException:
             self.in_flight -= 1  # the client left while the request waited in the server
+            self.tokens_in_flight -= tokens
             raise
         try:
             if self.gate is not None:
                 await self.gate.wait()
         except BaseException:
             self.in_flight -= 1
+            self.tokens_in_flight -= tokens
             self._stop(tokens)
             raise
         return arrival
 
     def _leave(self, request: web.Request, tokens: int = 0) -> None:
         self.in_flight -= 1
+        self.tokens_in_flight -= tokens
         self.finished.append(request.headers.get("x-request-id", ""))
         self._stop(tokens)
 

@@ -14,7 +14,7 @@ from sidecar import contract
 from sidecar.contract import unescape_id
 from sidecar.policies import RoundRobinFairness, WorkloadAwareOrdering
 from sidecar.registry import METRIC_FIELDS, metrics_from_hash
-from sidecar.store.pool import PoolStore
+from sidecar.store.pool import NO_LIMIT, PoolStore
 
 
 class LaneState(msgspec.Struct):
@@ -70,6 +70,10 @@ class PoolState(msgspec.Struct):
     workloads: list[WorkloadState]
     replicas: list[ReplicaState]
     anonymous_active: int
+    detector: str = "concurrency-detector"
+    # Utilization detector: endpoints whose metrics are stale (all of them when the newest
+    # sample is itself stale, e.g. no replica scrapes).
+    stale_endpoints: int = 0
 
 
 def _int(value: Any) -> int:
@@ -121,11 +125,29 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
             held = await client.hlen(store.key(contract.held_key(number)))
             owned = held + _int(pool.get(contract.OWNER_QUEUED + number))
         replicas.append(ReplicaState(_text(rid), int(expiry) - rel_now, owned))
+    saturation = inflight / cfg_limit if cfg_limit and cfg_limit < NO_LIMIT else 0.0
+    if pool.get("tokLimit"):
+        # Tokens or hybrid mode: the fuller of the two budgets.
+        saturation = max(saturation, _int(pool.get("tok")) / _int(pool["tokLimit"]))
+    if cfg_limit >= NO_LIMIT:
+        cfg_limit = 0
+    detector, stale = "concurrency-detector", 0
+    if pool.get("det") == contract.DETECTOR_UTILIZATION:
+        detector, endpoints = "utilization-detector", _int(pool.get("satN"))
+        at = pool.get("satT")
+        # As dispatch reads it (lua/includes/dispatch.lua has_capacity): stale is saturated.
+        if at is not None and rel_now - int(at) <= _int(pool.get("stale")):
+            saturation, stale = float(pool.get("sat", "1")), _int(pool.get("satStale"))
+        else:
+            saturation, stale = 1.0, endpoints
+        cfg_limit = 0
     return PoolState(
         pool=cfg.pool,
         max_concurrency=cfg_limit,
         inflight=inflight,
-        saturation=inflight / cfg_limit if cfg_limit else 0.0,
+        saturation=saturation,
+        detector=detector,
+        stale_endpoints=stale,
         queued=_int(pool.get("qn")),
         queued_bytes=_int(pool.get("qbytes")),
         bands=bands,

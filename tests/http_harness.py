@@ -54,6 +54,7 @@ async def running_stack(
     *,
     ticket_secret: bytes | None = None,
     admin_token: bytes | None = None,
+    replica_id: str = "test",
 ) -> AsyncIterator[Stack]:
     """Both ports of one replica in front of ``upstream``; a ticket secret and an admin token
     when given (None: not configured)."""
@@ -67,7 +68,7 @@ async def running_stack(
             admin_listen=("127.0.0.1", admin_port),
             redis_url=redis_url,
             upstream=f"http://127.0.0.1:{port}",
-            replica_id="test",
+            replica_id=replica_id,
             ticket_secret=None if ticket_secret is None else Secret(ticket_secret),
             admin_token=None if admin_token is None else Secret(admin_token),
         )

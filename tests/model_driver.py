@@ -210,7 +210,7 @@ class Run:
         expected = []
         for sub in subops:
             if sub[0] == "e":
-                flat += ["e", *sub[1:]]
+                flat += ["e", *sub[1:], 0, 0]
                 expected.append(self.model.enqueue(self.now, caller, *sub[1:]))
                 self._own(caller, expected[-1][0])
                 continue

@@ -17,6 +17,7 @@ from sidecar.classify import (
     MAX_HEADER_CHARS,
     OBJECTIVE_HEADER,
     OLD_NAMES,
+    SLO_TTFT_HEADER,
     TTL_HEADER,
     HeaderError,
     classify,
@@ -33,6 +34,7 @@ CRITICALITY = "x-workload-criticality"
 FAIRNESS = "x-gateway-inference-fairness-id"
 OBJECTIVE = "x-gateway-inference-objective"
 OLD_TTL = "x-gateway-inference-ttl"
+OLD_SLO_TTFT = "x-slo-ttft-ms"
 REQUEST_ID = "x-request-id"
 
 OBJECTIVES = {"interactive": 10, "batch": -5, "standard": 0}
@@ -396,17 +398,22 @@ _ALIASES = [
         OBJECTIVE_HEADER, OBJECTIVE, "interactive", "batch", "nope", lambda r: r.priority, id="obj"
     ),
     pytest.param(TTL_HEADER, OLD_TTL, "2s", "3s", "soon", lambda r: r.ttl_ms, id="ttl"),
+    pytest.param(
+        SLO_TTFT_HEADER, OLD_SLO_TTFT, "250", "500", "soon", lambda r: r.slo_ttft_ms, id="slo"
+    ),
 ]
 _Read = Callable[[FlowControlRequest], object]
 
 
 def test_llm_d_header_names_are_llm_d_s() -> None:
-    # llm-d/llm-d-router pkg/epp/metadata/consts.go: FlowFairnessIDKey / OldFlowFairnessIDKey and
-    # ObjectiveKey / OldObjectiveKey. llm-d has no TTL header; ours follows the same naming.
+    # llm-d/llm-d-router pkg/epp/metadata/consts.go: FlowFairnessIDKey / OldFlowFairnessIDKey,
+    # ObjectiveKey / OldObjectiveKey and TTFTSLOHeaderKey / OldTTFTSLOHeaderKey. llm-d has no
+    # TTL header; ours follows the same naming.
     assert OLD_NAMES == {
         "x-llm-d-inference-fairness-id": "x-gateway-inference-fairness-id",
         "x-llm-d-inference-objective": "x-gateway-inference-objective",
         "x-llm-d-inference-ttl": "x-gateway-inference-ttl",
+        "x-llm-d-slo-ttft-ms": "x-slo-ttft-ms",
     }
 
 
@@ -510,8 +517,8 @@ def test_oversized_header_is_bad_even_if_it_would_parse() -> None:
 
 
 def test_control_headers() -> None:
-    old = {FAIRNESS, OBJECTIVE, OLD_TTL}
-    llm_d = {FAIRNESS_ID_HEADER, OBJECTIVE_HEADER, TTL_HEADER}
+    old = {FAIRNESS, OBJECTIVE, OLD_TTL, OLD_SLO_TTFT}
+    llm_d = {FAIRNESS_ID_HEADER, OBJECTIVE_HEADER, TTL_HEADER, SLO_TTFT_HEADER}
     assert {CONTEXT, WORKLOAD_ID, CRITICALITY, *old, *llm_d} == CONTROL_HEADERS
     assert REQUEST_ID not in CONTROL_HEADERS
     assert all(name == name.lower() for name in CONTROL_HEADERS)

@@ -409,8 +409,34 @@ BAD_CONFIGS = [
     ),
     pytest.param(
         "saturationDetector: {type: concurrency-detector, parameters: {}}",
-        r"saturationDetector\.parameters\.maxConcurrency: must be an integer >= 1",
+        r"saturationDetector\.parameters\.maxConcurrency: required in requests mode",
         id="max-concurrency-missing",
+    ),
+    pytest.param(
+        "saturationDetector: {parameters: {concurrencyMode: tokens, maxConcurrency: 4}}",
+        r"saturationDetector\.parameters\.maxTokenConcurrency: required in tokens mode",
+        id="max-token-concurrency-missing",
+    ),
+    pytest.param(
+        "saturationDetector: {parameters: {concurrencyMode: bytes, maxConcurrency: 4}}",
+        r"saturationDetector\.parameters\.concurrencyMode: 'bytes' is not one of",
+        id="concurrency-mode-unknown",
+    ),
+    pytest.param(
+        "saturationDetector: {parameters: {maxConcurrency: 4, headroom: -0.1}}",
+        r"saturationDetector\.parameters\.headroom: must be a number >= 0",
+        id="headroom-negative",
+    ),
+    pytest.param(
+        "saturationDetector: {type: utilization-detector, parameters: {endpoints: []}}",
+        r"saturationDetector\.parameters\.endpoints",
+        id="utilization-no-endpoints",
+    ),
+    pytest.param(
+        "saturationDetector: {type: utilization-detector,"
+        " parameters: {endpoints: ['http://a:1'], queueDepthThreshold: 0}}",
+        r"saturationDetector\.parameters\.queueDepthThreshold",
+        id="utilization-bad-threshold",
     ),
     pytest.param(
         "saturationDetector: {type: queue-detector}",

@@ -27,6 +27,7 @@ LUA_FILES = sorted((ROOT / "lua").rglob("*.lua"))
 # reconcile ran.
 FLAG_REPLIES = {
     ("configure", "1"),
+    ("sample", "1"),
     ("configure", "0"),
     ("heartbeat", "1"),
     ("heartbeat", "0"),
@@ -108,7 +109,7 @@ async def _lua(body: str) -> Any:
 
 
 async def test_lua_writes_records_python_reads() -> None:
-    raw = await _lua("return encode_item(3, '-2', 'f%2F', 'w', 5, 10, 7, 8, 0)")
+    raw = await _lua("return encode_item(3, '-2', 'f%2F', 'w', 5, 10, 7, 8, 0, 12, 150)")
     assert contract.ITEM.parse(raw.decode()) == {
         "owner": "3",
         "band": "-2",
@@ -119,6 +120,8 @@ async def test_lua_writes_records_python_reads() -> None:
         "enq": "7",
         "ttl": "8",
         "lease": "0",
+        "tok": "12",
+        "slo": "150",
     }
     lane = await _lua("return { encode_lane('1', 'f'), encode_lane('1', 'f', 'w', 3) }")
     assert [contract.LANE_ID.parse(x.decode()) for x in lane] == [
@@ -268,7 +271,10 @@ async def test_scripts_write_exactly_the_documented_keys(hold_tickets: bool) -> 
     await r1.maintain(1000, force=True, now=now)
     await _check_layout(r1, seen)
     # Every documented key was written at some point of the scenario (leases only by tickets).
-    expected = {k.name for k in KEYS} - (set() if hold_tickets else {"LEASES", "LEASED"})
+    # The scrape lease is the utilization detector's (tests/test_telemetry_scraper.py).
+    expected = (
+        {k.name for k in KEYS} - {"SCRAPE"} - (set() if hold_tickets else {"LEASES", "LEASED"})
+    )
     assert seen == expected
     for s in stores:
         await s.client.aclose()

@@ -32,3 +32,22 @@ async def test_demo_shows_critical_workloads_waiting_less() -> None:
     assert critical.wait_p50_ms is not None
     assert background.wait_p50_ms is not None
     assert critical.wait_p50_ms < background.wait_p50_ms
+
+
+async def test_demo_runs_with_the_utilization_detector_against_the_fake_vllm_server() -> None:
+    out = io.StringIO()
+    report = await run_demo(seconds=4, out=out, utilization=True)
+    text = out.getvalue()
+
+    assert "utilization-detector" in text and "vllm:num_requests_waiting" in text
+    for stats in report.workloads:
+        assert stats.failed == 0, stats.name
+        assert stats.admitted + stats.rejected == stats.sent, stats.name
+    # The model's own queue, not a request count, held traffic back: more requests reached it
+    # than it runs at once (they waited inside it), and the sidecar still queued the overload.
+    assert report.upstream_peak > report.slots
+    assert "queued" in text
+    critical = next(s for s in report.workloads if s.criticality == 5)
+    background = next(s for s in report.workloads if s.criticality == 1)
+    assert critical.wait_p50_ms is not None and background.wait_p50_ms is not None
+    assert critical.wait_p50_ms < background.wait_p50_ms

@@ -65,6 +65,9 @@ local function load_cfg()
   CFG.maxReq, CFG.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
   CFG.win, CFG.alpha, CFG.idle, CFG.maxTracked = tonumber(r.win), tonumber(r.alpha),
     tonumber(r.idle), tonumber(r.maxTracked)
+  CFG.det = r.det
+  CFG.stale, CFG.qdt, CFG.head = tonumber(r.stale), tonumber(r.qdt), tonumber(r.head)
+  CFG.tokLimit = tonumber(r.tokLimit)
   return true
 end
 

@@ -4,7 +4,7 @@
   sequence (stats), queued count and bytes of each band (n:<priority>, b:<priority>; '0' once the
   band emptied), queued count of each owner replica (q:<owner number>). Strict priority picks the
   highest band whose count is above zero, so no separate set of bands is kept.
-  Provides: init_counters() (run by begin_call), stats() -> { qn, qbytes, inflight, seq }, stat_add(field, delta) -> new value,
+  Provides: init_counters() (run by begin_call), stats() -> { qn, qbytes, inflight, seq, tok }, stat_add(field, delta) -> new value,
   band_counts(band) -> { n, bytes }, top_band() -> the highest band with queued items or nil,
   adjust_counts(rec, sign) for a parsed item record entering (+1) or leaving (-1),
   owner_queued(num) -> its queued count.
@@ -21,7 +21,8 @@ end
 local function stats()
   if not ST then
     ST = { qn = tonumber(POOL.qn) or 0, qbytes = tonumber(POOL.qbytes) or 0,
-      inflight = tonumber(POOL.inflight) or 0, seq = tonumber(POOL.seq) or 0 }
+      inflight = tonumber(POOL.inflight) or 0, seq = tonumber(POOL.seq) or 0,
+      tok = tonumber(POOL.tok) or 0 }
   end
   return ST
 end

@@ -5,8 +5,9 @@
   in-flight slots; removes queued items for good; builds replies.
   A slot a replica holds is in held:<its number> (so its slots are found without an index per
   item); a slot a ticket holds is in leased, with its expiry in leases.
-  Provides: notify(owner, id, status, wait, caller, out), dispatch_item(id, lane, caller, now,
-  out), pick_next() -> id, lane, dispatch_ready(caller, now, out), hold_slot(num, id, wid, now),
+  Provides: notify(owner, id, status, wait, caller, out), has_capacity(now), took_capacity(),
+  dispatch_item(id, lane, caller, now, out), pick_next() -> id, lane, dispatch_ready(caller, now,
+  out), hold_slot(num, id, wid, now, tok), lease_slot(owner, id, wid, now, lease, tok),
   release_held(num, id), release_leased(id), release_item(caller, id) (held by the caller, else
   leased), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
   (writes what the call kept in memory: every script that changes state calls it before it
@@ -33,9 +34,41 @@ local function notify(owner, id, status, wait, caller, out)
   end
 end
 
-local function hold_slot(num, id, wid, now)
-  rcall('HSET', K_HELD .. num, id, encode_held(wid, now))
+local function hold_slot(num, id, wid, now, tok)
+  rcall('HSET', K_HELD .. num, id, encode_held(wid, now, tok))
   stat_add('inflight', 1)
+  if tok > 0 then stat_add('tok', tok) end
+end
+
+-- A slot a ticket holds (a gateway, not a replica): only its lease or a release ends it.
+local function lease_slot(owner, id, wid, now, lease, tok)
+  rcall('HSET', K_LEASED, id, encode_leased(owner, wid, now, tok))
+  rcall('ZADD', K_LEASES, int(now + lease), id)
+  stat_add('inflight', 1)
+  if tok > 0 then stat_add('tok', tok) end
+end
+
+-- The saturation detector, for a request of `tok` estimated tokens. The concurrency detector:
+-- the pool's in-flight count below the limit, and in tokens or hybrid mode its tokens in flight
+-- plus these within the token limit (a request larger than the whole limit goes alone, when
+-- nothing else is in flight, so it cannot wait forever). The utilization detector (lua/sample.lua writes its samples): the newest sample fresh
+-- (a missing or stale one fails closed), its saturation below 1, and fewer dispatches since it
+-- than (1 + headroom - saturation) x endpoints x queueDepthThreshold, so dispatches between two
+-- samples cannot stampede: on average they fill each endpoint's waiting queue at most to
+-- (1 + headroom) x queueDepthThreshold before the next sample is seen.
+local function has_capacity(now, tok)
+  local st = stats()
+  if st.inflight >= CFG.limit then return false end
+  if CFG.tokLimit and st.tok > 0 and st.tok + tok > CFG.tokLimit then return false end
+  if CFG.det ~= DETECTOR_UTILIZATION then return true end
+  local at, sat = tonumber(POOL.satT), tonumber(POOL.sat)
+  if not at or now - at > CFG.stale or sat >= 1 then return false end
+  local allowance = (1 + CFG.head - sat) * tonumber(POOL.satN) * CFG.qdt
+  return (tonumber(POOL.since) or 0) < allowance
+end
+
+local function took_capacity()
+  if CFG.det == DETECTOR_UTILIZATION then pool_set('since', int((tonumber(POOL.since) or 0) + 1)) end
 end
 
 -- Removes a queued item for good (cancelled, expired, reclaimed). Returns its record or false.
@@ -48,10 +81,12 @@ local function drop_queued(id, now)
   return rec
 end
 
--- `id` heads `lane` (it was picked from a ranking). Returns false when it was not dispatched:
--- its owner is being reclaimed (presumed dead), so it is dropped instead.
+-- `id` heads `lane` (it was picked from a ranking). Returns true when dispatched; false when
+-- dropped instead, its owner being reclaimed (presumed dead); nil when its tokens do not fit
+-- (it stays at the head: nothing behind it overtakes it).
 local function dispatch_item(id, lane, caller, now, out)
   local rec = parse_item(item_get(id))
+  if rec.tok > 0 and not has_capacity(now, rec.tok) then return nil end
   if owner_reclaimed(rec.owner) then
     unqueue_item(id, rec, now, true)
     workload_done(rec.wid)
@@ -65,13 +100,11 @@ local function dispatch_item(id, lane, caller, now, out)
   unqueue_item(id, rec, now, true, rerank)
   local owner = owner_id(rec.owner)
   if rec.lease == 0 then
-    hold_slot(rec.owner, id, rec.wid, now)
+    hold_slot(rec.owner, id, rec.wid, now, rec.tok)
   else
     -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
     -- replica that stops or dies does not take back tickets that are still in use.
-    rcall('HSET', K_LEASED, id, encode_leased(owner, rec.wid, now))
-    rcall('ZADD', K_LEASES, int(now + rec.lease), id)
-    stat_add('inflight', 1)
+    lease_slot(owner, id, rec.wid, now, rec.lease, rec.tok)
   end
   if rerank then rerank_workload(rec.wid, now) end
   notify(owner, id, S_DISPATCHED, wait, caller, out)
@@ -103,16 +136,18 @@ local function pick_next()
   return string.sub(member, 1, ID_WIDTH), string.sub(member, ID_WIDTH + 1)
 end
 
--- Dispatches while the concurrency detector reports capacity. Capacity is checked and taken in
--- the same atomic script, so replicas can never overshoot the global limit.
+-- Dispatches while the saturation detector reports capacity. Capacity is checked and taken in
+-- the same atomic call as the dispatch, so replicas can never dispatch past it.
 local function dispatch_ready(caller, now, out)
   if now < CFG.hold then return end
   local st = stats()
   -- With nothing queued there is no band to pick from: no need to look.
-  while st.qn > 0 and st.inflight < CFG.limit do
+  while st.qn > 0 and has_capacity(now, 0) do
     local id, lane = pick_next()
     if not id then break end
-    dispatch_item(id, lane, caller, now, out)
+    local done = dispatch_item(id, lane, caller, now, out)
+    if done == nil then break end
+    if done then took_capacity() end
   end
 end
 
@@ -122,8 +157,10 @@ local function release_held(num, id)
   local raw = rcall('HGET', hk, id)
   if not raw then return false end
   rcall('HDEL', hk, id)
+  local f = parse_held(raw)
   stat_add('inflight', -1)
-  workload_done(parse_held(raw).wid)
+  if (f.tok or 0) > 0 then stat_add('tok', -f.tok) end
+  workload_done(f.wid)
   return true
 end
 
@@ -132,8 +169,10 @@ local function release_leased(id)
   if not raw then return false end
   rcall('HDEL', K_LEASED, id)
   rcall('ZREM', K_LEASES, id)
+  local f = parse_leased(raw)
   stat_add('inflight', -1)
-  workload_done(parse_leased(raw).wid)
+  if (f.tok or 0) > 0 then stat_add('tok', -f.tok) end
+  workload_done(f.wid)
   return true
 end
 

@@ -31,9 +31,22 @@ local function rankset_of(b, band, flow)
   return K_RANK .. band
 end
 
+-- edf and slo-deadline lanes are zsets by their key; fcfs and workload-aware ones are lists.
+local function keyed(b)
+  return b.order == ORDER_EDF or b.order == ORDER_SLO
+end
+
+-- An item's key inside a keyed lane: its TTL deadline (edf), its SLO deadline (slo-deadline;
+-- without an SLO, after every item with one, in arrival order).
+local function key_in_lane(b, id, rec)
+  if b.order == ORDER_EDF then return rec.enq + rec.ttl end
+  if rec.slo > 0 then return rec.enq + rec.slo end
+  return NO_SLO_KEY + tonumber(id)
+end
+
 -- The lane's head and its key inside the lane (its sequence, or its deadline for edf).
 local function lane_head(lk, b)
-  if b.order == ORDER_EDF then
+  if keyed(b) then
     local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
     return hs[1] or false, tonumber(hs[2])
   end
@@ -124,13 +137,13 @@ local function queue_item(id, raw, rec, now, deferred)
     rcall('PEXPIRE', dk, int((sec + 1) * 1000 - now + DEADLINE_KEEP_MS))
   end
   local new_lane, in_lane, old_head
-  if b.order == ORDER_EDF then
+  if keyed(b) then
     local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
     old_head = hs[1] or false
-    in_lane = deadline
-    rcall('ZADD', lk, int(deadline), id)
+    in_lane = key_in_lane(b, id, rec)
+    rcall('ZADD', lk, int(in_lane), id)
     new_lane = not old_head
-    if old_head and deadline < tonumber(hs[2]) then
+    if old_head and in_lane < tonumber(hs[2]) then
       -- An earlier deadline heads its lane; on a tie the lower id, the old head, stays in front.
       rank_lane(lane, b, old_head, now, deferred, id, in_lane)
     end
@@ -152,7 +165,7 @@ local function unqueue_item(id, rec, now, is_head, deferred)
   local b = band_cfg(rec.band)
   local lane = lane_of(b, rec)
   local lk = K_LANE .. lane
-  if b.order == ORDER_EDF then
+  if keyed(b) then
     if not is_head then is_head = rcall('ZRANGE', lk, 0, 0)[1] == id end
     rcall('ZREM', lk, id)
   elseif is_head then

@@ -4,7 +4,7 @@
   Each returns the reply table its script returns.
   They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
   runs them calls flush_state() before it returns.
-  Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease),
+  Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo),
   op_release(override, caller, id).
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
@@ -18,25 +18,24 @@
 -- Counts the request toward its workload's rate first, even if it is then rejected, so rejection
 -- cannot be gamed. With nothing queued and a free slot it is dispatched at once; otherwise it is
 -- checked against the queue caps, queued, and every dispatchable item is dispatched.
-local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease)
+local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo)
   local out = {}
   local wid = track(raw_wid, now)
   count_request(wid, now)
   local st = stats()
   local num = owner_num(caller)
 
-  if st.qn == 0 and st.inflight < CFG.limit and now >= CFG.hold then
+  if st.qn == 0 and now >= CFG.hold and has_capacity(now, tok) then
     -- Fast path: nothing waits, so nothing better waits; no queue structure is touched, and no
     -- lane of the workload exists to re-rank.
+    took_capacity()
     local id = item_id(stat_add('seq', 1))
     add_active(wid, 1)
     -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
     if lease > 0 then
-      rcall('HSET', K_LEASED, id, encode_leased(caller, wid, now))
-      rcall('ZADD', K_LEASES, int(now + lease), id)
-      stat_add('inflight', 1)
+      lease_slot(caller, id, wid, now, lease, tok)
     else
-      hold_slot(num, id, wid, now)
+      hold_slot(num, id, wid, now, tok)
     end
     record_wait(wid, 0)
     return reply(S_DISPATCHED, id, '0', out)
@@ -53,7 +52,7 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   end
 
   local id = item_id(stat_add('seq', 1))
-  local raw = encode_item(num, band, flow, wid, crit, bytes, now, ttl, lease)
+  local raw = encode_item(num, band, flow, wid, crit, bytes, now, ttl, lease, tok, slo)
   -- Its lane, if new, is ranked with the workload's others, by the re-rank that follows.
   queue_item(id, raw, parse_item(raw), now, wid ~= '')
   add_active(wid, 1)

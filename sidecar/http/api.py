@@ -3,7 +3,8 @@
 Slots taken here are held outside the sidecar, so they are leases: they expire after ``ticketLease``
 unless released or renewed. Routes (all under PREFIX, so they cannot clash with upstream paths):
 
-  POST admit    classification headers as in proxy mode; body optional {"bytes": n, "lease": "30s"}
+  POST admit    classification headers as in proxy mode; body optional {"bytes": n, "lease": "30s",
+                "tokens": n} (tokens: the caller's estimate, for tokens or hybrid mode)
                 200 {"ticket", "outcome", "wait_ms", "lease_ms"} or the outcome's status
   POST release  {"ticket": "..."} -> 200 {"released": bool}
   POST renew    {"ticket": "...", "lease": "30s"} -> 200 {"renewed": true} | 404
@@ -53,6 +54,9 @@ class AdmitBody(msgspec.Struct, forbid_unknown_fields=True):
     # Declared size of the request the caller will forward (counts toward maxBytes): never < 0.
     bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
     lease: str | float | None = None
+    # Estimated tokens of the request the caller will forward (concurrency detector, tokens or
+    # hybrid mode): the caller estimates, as it holds the body.
+    tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class TicketBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -118,6 +122,8 @@ async def admit(request: web.Request) -> web.Response:
     classified = classify_request(request, service.config, byte_size=body.bytes)
     if isinstance(classified, web.Response):
         return classified
+    if body.tokens:
+        classified = msgspec.structs.replace(classified, tokens=body.tokens)
     decision = await service.admit(classified, lease_ms=lease_ms)
     if decision is PASS_THROUGH:
         return _json(Ticket("", FAIL_OPEN, 0, 0))

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -33,6 +34,7 @@ from sidecar.http.outcomes import (
 from sidecar.outcome import Outcome
 from sidecar.request import FlowControlRequest
 from sidecar.service import PASS_THROUGH
+from sidecar.tokens import TokenEstimator
 
 access_log = logging.getLogger("sidecar.access")
 log = logging.getLogger(__name__)
@@ -76,14 +78,16 @@ async def relay(
     headers: Mapping[str, str],
     added: Mapping[str, str],
     max_body: int = 0,
+    read: bytes | None = None,
 ) -> web.StreamResponse:
     """Forwards ``request`` to ``upstream`` and streams the answer back, both ways chunk by chunk.
+    ``read``: the body, when it was read already (to estimate its tokens).
 
     ``added`` headers go onto the response. Raises aiohttp.ClientError or TimeoutError when the
     upstream fails before the response starts (the caller answers 502), UpstreamBroken when it
     fails after (the status line is sent: the caller can only cut the client's connection)."""
-    body: Any = None
-    if request.body_exists:
+    body: Any = read
+    if read is None and request.body_exists:
         body = request.content
         if max_body and request.content_length is None:
             # A chunked body: the size middleware could not judge it up front (limits.py).
@@ -123,6 +127,21 @@ class UpstreamBroken(Exception):
         self.response = response
 
 
+ESTIMATOR = TokenEstimator()
+
+
+async def read_capped(request: web.Request, max_body: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``max_body`` (0: no limit)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(CHUNK):
+        size += len(chunk)
+        if max_body and size > max_body:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 # The body limit leaves the admission API's paths to their handlers (sidecar/http/limits.py).
 BODY_LIMIT_EXEMPT = f"{API_PREFIX}/"
 _DISPATCHED = Outcome.DISPATCHED.value
@@ -140,6 +159,15 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if isinstance(classified, web.Response):
         _log(request, classified.status, "bad_header", 0, None)
         return classified
+    read: bytes | None = None
+    if config.counts_tokens and request.body_exists:
+        # Tokens or hybrid mode: the body is read first, to estimate its tokens (prompt and
+        # max_tokens / max_completion_tokens; sidecar/tokens.py), then forwarded as read.
+        read = await read_capped(request, max_body)
+        if read is None:
+            _log(request, 413, "body_too_large", 0, classified)
+            return too_large(max_body)
+        classified = msgspec.structs.replace(classified, tokens=ESTIMATOR.total(read))
     try:
         decision = await service.admit(classified)
     except asyncio.CancelledError:
@@ -159,7 +187,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     # service.holding() written out: one context manager fewer on every proxied request.
     service.enter_held(admission)
     try:
-        return await _forward(request, classified, admission, int(max_body))
+        return await _forward(request, classified, admission, int(max_body), read)
     finally:
         await service.exit_held(admission)
 
@@ -169,6 +197,7 @@ async def _forward(
     classified: FlowControlRequest,
     admission: Admission | None,
     max_body: int,
+    read: bytes | None = None,
 ) -> web.StreamResponse:
     upstream = request.app[UPSTREAM]
     request_id = classified.request_id
@@ -180,7 +209,9 @@ async def _forward(
         outcome, wait_ms = FAIL_OPEN, 0
     added = {OUTCOME_HEADER: outcome, WAIT_HEADER: str(wait_ms), "x-request-id": request_id}
     try:
-        response = await relay(request, request.app[SESSION], upstream, headers, added, max_body)
+        response = await relay(
+            request, request.app[SESSION], upstream, headers, added, max_body, read
+        )
     except UpstreamBroken as exc:
         # A second response written into the body would read as a clean end: cut the connection
         # so the client sees the stream was truncated.

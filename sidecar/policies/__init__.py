@@ -14,7 +14,12 @@ from sidecar.policies.base import (
     ordering_types,
 )
 from sidecar.policies.fairness import GlobalStrictFairness, RoundRobinFairness
-from sidecar.policies.ordering import EdfOrdering, FcfsOrdering, WorkloadAwareOrdering
+from sidecar.policies.ordering import (
+    EdfOrdering,
+    FcfsOrdering,
+    SloDeadlineOrdering,
+    WorkloadAwareOrdering,
+)
 
 __all__ = [
     "EdfOrdering",
@@ -24,6 +29,7 @@ __all__ = [
     "OrderingPolicy",
     "PolicyError",
     "RoundRobinFairness",
+    "SloDeadlineOrdering",
     "WorkloadAwareOrdering",
     "build_fairness",
     "build_ordering",

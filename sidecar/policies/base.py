@@ -21,6 +21,8 @@ class QueuedItem(msgspec.Struct, frozen=True):
     workload_id: str
     criticality: int
     flow: str = "default-flow"
+    # The request's time-to-first-token objective, ms (0 = none): slo-deadline ordering.
+    slo_ms: int = 0
 
 
 class WorkloadView(msgspec.Struct, frozen=True):

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import msgspec
 
+from sidecar import contract
 from sidecar.policies.base import OrderingPolicy, QueuedItem, WorkloadView, register_ordering
 
 
@@ -34,6 +35,21 @@ class EdfOrdering(OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fi
 
     def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
         return float(item.deadline_ms)
+
+
+@register_ordering
+class SloDeadlineOrdering(OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Earliest SLO deadline first: enqueue time + the request's time-to-first-token objective
+    (x-llm-d-slo-ttft-ms). Requests without one come after every request with one, first come
+    first served among themselves (as llm-d's slo-deadline-ordering-policy)."""
+
+    type_name: ClassVar[str] = "slo-deadline-ordering-policy"
+    lua_code: ClassVar[str] = "slo"
+
+    def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
+        if item.slo_ms > 0:
+            return float(item.enqueued_ms + item.slo_ms)
+        return float(contract.NO_SLO_KEY + item.seq)
 
 
 @register_ordering

@@ -87,10 +87,34 @@ def encode_band(band: ResolvedBand) -> str:
     )
 
 
+# No request limit under the utilization detector: the model servers' metrics decide.
+NO_LIMIT = 10**12
+
+
+def utilization_fields(config: Config) -> dict[str, object]:
+    """The pool fields of the utilization detector (lua/includes/dispatch.lua has_capacity)."""
+    from sidecar.telemetry import DetectorSettings
+
+    settings = DetectorSettings.from_parameters(config.saturation_detector.parameters)
+    sat, scrape = settings.saturation, settings.scrape
+    # A healthy scraper rewrites the sample every interval, each scrape taking up to its
+    # timeout; a sample older than that plus the staleness threshold means no one scrapes.
+    stale_s = sat.metrics_staleness_threshold + scrape.interval + scrape.timeout
+    if sat.staleness_policy == "holdLast":
+        stale_s = max(stale_s, sat.hold_bound)
+    return {
+        "limit": NO_LIMIT,
+        "det": contract.DETECTOR_UTILIZATION,
+        "stale": round(stale_s * 1000),
+        "qdt": sat.queue_depth_threshold,
+        "head": repr(float(sat.headroom)),
+    }
+
+
 def encode_config(config: Config) -> list[str]:
     fc, reg = config.flow_control, config.workload_registry
     pairs: dict[str, object] = {
-        "limit": config.max_concurrency,
+        "limit": config.request_limit or NO_LIMIT,
         "maxReq": fc.max_requests,
         "maxBytes": int(fc.max_bytes),
         "win": round(reg.request_rate_window * 1000),
@@ -99,6 +123,10 @@ def encode_config(config: Config) -> list[str]:
         "maxTracked": reg.max_tracked,
         contract.CFG_BAND_DEFAULT: encode_band(config.template_band(0)),
     }
+    if config.utilization:
+        pairs.update(utilization_fields(config))
+    if config.token_limit is not None:
+        pairs["tokLimit"] = config.token_limit
     # Unlisted negative bands: lua/includes/config.lua band_cfg falls back from the negative
     # template to the default one.
     if fc.default_negative_priority_band is not None:
@@ -276,6 +304,8 @@ class PoolStore:
         byte_size: int,
         ttl_ms: int,
         lease_ms: int = 0,
+        tokens: int = 0,
+        slo_ms: int = 0,
         now: int | None = None,
         direct: bool = False,
     ) -> asyncio.Future[ScriptReply]:
@@ -283,7 +313,8 @@ class PoolStore:
         whoever awaits it does not stop the call or lose its reply. Flow and workload must
         already be escaped (sidecar.keys.escape_id). ``direct`` skips coalescing and the
         recovery hook (recovery's own re-enqueues)."""
-        args = [str(x) for x in (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms)]
+        fields = (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms, tokens, slo_ms)
+        args = [str(x) for x in fields]
         if self._coalescer is not None and now is None and not direct:
             return self._coalescer.submit(("e", args))
         call = self.call_direct if direct else self._call
@@ -345,14 +376,14 @@ class PoolStore:
 
     async def reconcile(
         self,
-        held: Sequence[tuple[str, str]],
+        held: Sequence[tuple[str, str, int]],
         queued: Sequence[str],
         grace_ms: int,
         now: int | None = None,
     ) -> Reconciled:
         """Makes the pool's record of this replica's items match ``held`` (item id, escaped
-        workload id) and ``queued`` (item ids); see lua/reconcile.lua."""
-        flat = [x for pair in held for x in pair]
+        workload id, tokens) and ``queued`` (item ids); see lua/reconcile.lua."""
+        flat = [str(x) for slot in held for x in slot]
         raw = await self._call(
             "reconcile", now, self.replica_id, grace_ms, len(held), *flat, *queued
         )
@@ -373,16 +404,29 @@ class PoolStore:
             self.sink(deliveries)
         return deliveries
 
+    async def sample(
+        self, saturation: float, stale: int, endpoints: int, now: int | None = None
+    ) -> list[Delivery]:
+        """Writes a saturation sample (lua/sample.lua) and dispatches what it frees."""
+        raw = await self._call(
+            "sample", now, self.replica_id, repr(float(saturation)), stale, endpoints
+        )
+        return self._reply(raw).deliveries
+
     async def renew(self, item_id: str, lease_ms: int, now: int | None = None) -> bool:
         raw = await self._call("renew", now, item_id, lease_ms, self.replica_id)
         return int(raw[0]) == 1
 
     async def reregister(
-        self, held: Sequence[tuple[str, str, int]], now: int | None = None, *, direct: bool = False
+        self,
+        held: Sequence[tuple[str, str, int, int]],
+        now: int | None = None,
+        *,
+        direct: bool = False,
     ) -> int:
-        """Puts back slots this replica holds: (item id, escaped workload id, lease ms) triples,
+        """Puts back slots this replica holds: (item id, escaped workload id, lease ms, tokens),
         lease 0 for its own slots, the remaining lease for tickets it issued."""
-        flat = [str(x) for triple in held for x in triple]
+        flat = [str(x) for slot in held for x in slot]
         call = self.call_direct if direct else self._call
         raw = await call("reregister", now, self.replica_id, *flat)
         return int(raw[0])

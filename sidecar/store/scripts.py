@@ -23,6 +23,7 @@ _INCLUDE = re.compile(r"^-- @include (\w+)[ \t]*$")
 CONTRACT_INCLUDE = "contract"
 SCRIPT_NAMES = (
     "configure",
+    "sample",
     "enqueue",
     "release",
     "cancel",
@@ -234,9 +235,10 @@ def contract_lua() -> str:
         "SEP",
         "RANK_FLOW_SEP",
         "ID_LIST_SEP",
+        "DETECTOR_UTILIZATION",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
-    for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS"):
+    for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS", "NO_SLO_KEY"):
         lines.append(f"local {name} = {getattr(contract, name)}\n")
     lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]

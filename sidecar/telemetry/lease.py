@@ -35,13 +35,14 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
+from sidecar import contract
 from sidecar.keys import pool_prefix
 
 __all__ = ["SCRAPE_LEASE_SUFFIX", "ScrapeLease", "scrape_lease_key"]
 
 log = logging.getLogger(__name__)
 
-SCRAPE_LEASE_SUFFIX = "scrape"
+SCRAPE_LEASE_SUFFIX = contract.SCRAPE
 DEFAULT_TTL_S = 0.8
 
 

@@ -188,3 +188,52 @@ async def test_three_serve_replicas_share_one_scrape_and_another_takes_over(
             lambda: any(s.scrapes > b for s, b in zip(others, before, strict=True)), 1.0
         )
         assert time.monotonic() - started < 1.0
+
+
+async def test_through_the_proxy_a_full_server_holds_requests_back_until_a_sample_frees_them(
+    model: tuple[SimulatedModel, str], redis_backend: Backend, redis_server: Any
+) -> None:
+    """The acceptance run as a user sees it: requests through the data port; the time that
+    counts is from the sample write to the request's arrival at the model server."""
+    server, url = model
+    server.batch_slots, server.gate = 1, asyncio.Event()
+    async with running_stack(detector_config(url), server, redis_server.url) as stack:
+        log = SampleLog(stack.server.service.controller.store)
+
+        async def through_sidecar() -> int:
+            async with stack.session.post(
+                f"{stack.data}/v1/completions", json={"prompt": "hi"}
+            ) as r:
+                await r.read()
+                return r.status
+
+        async def queued() -> bool:
+            return bool((await stack.state())["queued"] == 1)
+
+        async with aiohttp.ClientSession() as direct_session:
+            direct = await post_all(direct_session, url, 11)
+            await eventually(lambda: server.waiting == 10)
+            await eventually(lambda: log.first(lambda s, st: s >= 1) is not None)
+            arrived = len(server.arrivals)
+            proxied = asyncio.create_task(through_sidecar())
+            await eventually(queued)
+            assert len(server.arrivals) == arrived  # held back in the sidecar's queue
+            mark = len(log.sent)
+            server.gate.set()
+            assert await asyncio.gather(*direct) == [200] * 11
+            assert await proxied == 200
+            forwarded_at = server.arrivals[arrived].at
+            freed_at = log.first(lambda s, st: s < 1, since=mark)
+            assert freed_at is not None and forwarded_at - freed_at < 0.1
+            # /metrics stops answering: dispatch stops and the admin port's /metrics says why.
+            server.metrics_failure = "hang"
+            await eventually(lambda: log.first(lambda s, st: st == 1, since=mark) is not None)
+            blocked = asyncio.create_task(through_sidecar())
+            await eventually(queued)
+            async with stack.session.get(f"{stack.admin}/metrics") as r:
+                text = await r.text()
+            stale = 'llm_d_epp_flow_control_stale_endpoints{detector="utilization-detector"} 1.0'
+            assert stale in text
+            assert not blocked.done()
+            server.restore_metrics()
+            assert await blocked == 200

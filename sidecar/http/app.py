@@ -170,14 +170,14 @@ class Server:
             self._runners.append(runner)
         cfg = self.options.config
         log.info(
-            "serving pool %s on %s:%d (admin %s:%d) as replica %s; store %s; upstream %s; limit %d",
+            "serving pool %s on %s:%d (admin %s:%d) as replica %s; store %s; upstream %s; %s",
             cfg.pool,
             *self.options.listen,
             *self.options.admin_listen,
             self.options.replica_id,
             mask_url(self.options.redis_url) if self.options.redis_url else "embedded",
             self.options.upstream or "-",
-            cfg.max_concurrency,
+            _detector(cfg),
         )
 
     def _admin_token(self) -> bytes | None:
@@ -203,3 +203,12 @@ class Server:
             await runner.cleanup()
         await stop_service(self.service)
         log.info("stopped (%s)", "drained" if drained else "grace period exceeded")
+
+
+def _detector(cfg: Config) -> str:
+    """The saturation detector, as the startup line names it."""
+    if cfg.utilization:
+        return "utilization-detector"
+    limits = [f"{cfg.request_limit} requests" if cfg.request_limit else ""]
+    limits.append(f"{cfg.token_limit} tokens" if cfg.token_limit else "")
+    return "limit " + " and ".join(x for x in limits if x)

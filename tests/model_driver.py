@@ -3,7 +3,7 @@ every reply, every wake-up in every replica's inbox, and (at each maintenance ti
 
 Operations are tuples, so hypothesis prints and shrinks them readably (dt = ms since the previous
 operation; `rep` indexes REPLICAS; `pick` chooses among the ids the history knows):
-    ("e", dt, rep, band, flow, workload, criticality, bytes, ttl_ms, lease_ms)   enqueue
+    ("e", dt, rep, band, flow, workload, criticality, bytes, ttl_ms, lease_ms, tokens, slo_ms)
     ("r", dt, pick)                            release a slot the test holds (by its owner)
     ("c", dt, pick, reason)                    cancel / expire any item seen so far (by its owner)
     ("m", dt, rep, budget)                     a replica's maintenance tick (interval-gated)
@@ -138,10 +138,10 @@ class Run:
 
     # Operations ---------------------------------------------------------------------------------
     async def enqueue(self, caller: str, args: tuple[Any, ...]) -> None:
-        band, flow, wid, crit, size, ttl, lease = args
+        band, flow, wid, crit, size, ttl, lease, tokens, slo = args
         reply = await self.stores[caller].enqueue(
             band=band, flow=flow, workload=wid, criticality=crit, byte_size=size, ttl_ms=ttl,
-            lease_ms=lease, now=self.now,
+            lease_ms=lease, tokens=tokens, slo_ms=slo, now=self.now,
         )  # fmt: skip
         expected = self.model.enqueue(self.now, caller, *args)
         self._own(caller, expected[0])
@@ -210,7 +210,7 @@ class Run:
         expected = []
         for sub in subops:
             if sub[0] == "e":
-                flat += ["e", *sub[1:], 0, 0]
+                flat += ["e", *sub[1:]]
                 expected.append(self.model.enqueue(self.now, caller, *sub[1:]))
                 self._own(caller, expected[-1][0])
                 continue

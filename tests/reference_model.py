@@ -23,8 +23,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from sidecar.config import Config, ResolvedBand
+from sidecar.contract import NO_SLO_KEY
 from sidecar.outcome import ScriptStatus
-from sidecar.policies import EdfOrdering, RoundRobinFairness, WorkloadAwareOrdering
+from sidecar.policies import (
+    EdfOrdering,
+    RoundRobinFairness,
+    SloDeadlineOrdering,
+    WorkloadAwareOrdering,
+)
 from sidecar.policies.base import QueuedItem, WorkloadView
 from sidecar.registry import ema_update, window_rate
 
@@ -85,6 +91,8 @@ class Item:
     enq: int
     deadline: int
     lease: int
+    tok: int = 0
+    slo: int = 0
 
     @property
     def id(self) -> str:
@@ -95,6 +103,7 @@ class Item:
 class Held:
     owner: str
     wid: str
+    tok: int = 0
 
 
 @dataclass
@@ -161,8 +170,23 @@ class PoolModel:
         return (item.band, item.flow)
 
     def _in_lane(self, item: Item) -> tuple[int, int]:
-        edf = isinstance(self._band(item.band).ordering, EdfOrdering)
-        return (item.deadline if edf else item.seq, item.seq)
+        ordering = self._band(item.band).ordering
+        if isinstance(ordering, EdfOrdering):
+            return (item.deadline, item.seq)
+        if isinstance(ordering, SloDeadlineOrdering):
+            key = item.enq + item.slo if item.slo > 0 else NO_SLO_KEY + item.seq
+            return (key, item.seq)
+        return (item.seq, item.seq)
+
+    def _fits(self, tok: int) -> bool:
+        """The concurrency detector: the request limit, and in tokens or hybrid mode the token
+        budget (a request past the whole budget goes alone)."""
+        limit = self.config.request_limit
+        if limit is not None and len(self.inflight) >= limit:
+            return False
+        budget = self.config.token_limit
+        held = sum(h.tok for h in self.inflight.values())
+        return budget is None or held == 0 or held + tok <= budget
 
     def _head(self, lane: LaneId) -> Item | None:
         members = [m for m in self.queued.values() if self.lane_of(m) == lane]
@@ -232,7 +256,8 @@ class PoolModel:
         lane = self.lane_of(item)
         self.queued[item.id] = item
         # Only a new lane, or an EDF lane with an earlier deadline, gets a new head.
-        if lane not in self.rank or isinstance(self._band(item.band).ordering, EdfOrdering):
+        keyed = isinstance(self._band(item.band).ordering, EdfOrdering | SloDeadlineOrdering)
+        if lane not in self.rank or keyed:
             self._rank_lane(lane, now)
 
     def _unqueue(self, item: Item, now: int) -> None:
@@ -289,10 +314,12 @@ class PoolModel:
     def _dispatch_ready(self, caller: str, now: int, out: list[Event]) -> None:
         if now < self.hold:
             return
-        while len(self.inflight) < self.config.max_concurrency and self.queued:
+        while self.queued and self._fits(0):
             item = self.queued[self._pick()]
+            if item.tok > 0 and not self._fits(item.tok):
+                break  # it stays at the head: nothing behind it overtakes it
             self._unqueue(item, now)
-            self.inflight[item.id] = Held(item.owner, item.wid)
+            self.inflight[item.id] = Held(item.owner, item.wid, item.tok)
             if item.lease > 0:
                 self.leases[item.id] = now + item.lease
                 self.own[item.owner].discard(item.id)
@@ -304,20 +331,17 @@ class PoolModel:
 
     # Transitions (one per script) ---------------------------------------------------------------
     def enqueue(self, now: int, caller: str, band: int, flow: str, wid: str, crit: int,
-                size: int, ttl: int, lease: int) -> tuple[Reply, list[Event]]:  # fmt: skip
+                size: int, ttl: int, lease: int, tok: int = 0,
+                slo: int = 0) -> tuple[Reply, list[Event]]:  # fmt: skip
         # Counted before any check, so a rejected request still raises its workload's rate.
         self._count(wid, now)
         if wid:
             self._rerank_workload(wid, now)
         out: list[Event] = []
-        if (
-            not self.queued
-            and len(self.inflight) < self.config.max_concurrency
-            and now >= self.hold
-        ):
+        if not self.queued and now >= self.hold and self._fits(tok):
             self.seq += 1
             iid = item_id(self.seq)
-            self.inflight[iid] = Held(caller, wid)
+            self.inflight[iid] = Held(caller, wid, tok)
             self.counters(wid).active += 1
             if lease > 0:
                 self.leases[iid] = now + lease
@@ -328,7 +352,7 @@ class PoolModel:
         if self._over_caps(band, size):
             return Reply(ScriptStatus.REJECTED_CAPACITY, "", ""), out
         self.seq += 1
-        item = Item(self.seq, caller, band, flow, wid, crit, size, now, now + ttl, lease)
+        item = Item(self.seq, caller, band, flow, wid, crit, size, now, now + ttl, lease, tok, slo)
         self._queue(item, now)
         self.counters(wid).active += 1
         self.own.setdefault(caller, set()).add(item.id)

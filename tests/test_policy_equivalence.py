@@ -23,6 +23,8 @@ from tests.model_driver import WORKLOADS, run_history
 BANDS = [0, 0, 0, 0, 0, -3, -1, -1, 2, 5, 7]
 FLOWS = ["a", "b", "c", "d"]
 
+# The token budget of tokens and hybrid mode: a few requests' worth (see enqueue_args).
+TOKEN_BUDGET = 2000
 fairness = st.sampled_from(["global-strict-fairness-policy", "round-robin-fairness-policy"])
 workload_aware = st.fixed_dictionaries(
     {
@@ -39,11 +41,12 @@ workload_aware = st.fixed_dictionaries(
     }
 )
 # Half the bands workload-aware: its scores are the ones that go stale.
-ordering = st.sampled_from(["wa", "wa", "fcfs", "edf"]).flatmap(
+ordering = st.sampled_from(["wa", "wa", "fcfs", "edf", "slo"]).flatmap(
     lambda name: {
         "wa": workload_aware,
         "fcfs": st.just({"type": "fcfs-ordering-policy"}),
         "edf": st.just({"type": "edf-ordering-policy"}),
+        "slo": st.just({"type": "slo-deadline-ordering-policy"}),
     }[name]
 )
 
@@ -92,6 +95,9 @@ enqueue_args = st.tuples(
     # long ones of different lengths, so EDF order differs from arrival order.
     st.sampled_from([2000, 5000, 60_000, 600_000, 3_600_000, 3_600_000]),  # TTL, ms
     st.sampled_from([0, 0, 0, 2000, 30_000]),  # lease, ms (0: held by the replica)
+    # Estimated tokens (count only in tokens or hybrid mode; 2500 is past the whole budget).
+    st.sampled_from([0, 0, 300, 900, 2500]),
+    st.sampled_from([0, 0, 500, 3000]),  # TTFT objective, ms (slo-deadline ordering)
 )
 enqueue_op = st.tuples(st.just("e"), dt, replica, enqueue_args).map(lambda t: (*t[:3], *t[3]))
 release_op = st.tuples(st.just("r"), dt, st.integers(0, 20))
@@ -155,6 +161,7 @@ operations = st.lists(
     limit=st.integers(1, 3),
     hold_ms=st.sampled_from([0, 0, 0, 15_000, 40_000]),
     every=st.tuples(st.sampled_from([2, 4, 8, 16]), st.sampled_from([2, 5, 1_000_000])),
+    mode=st.sampled_from(["requests", "requests", "tokens", "hybrid"]),
 )
 async def test_lua_matches_reference_model(
     backend: Backend,
@@ -163,8 +170,17 @@ async def test_lua_matches_reference_model(
     limit: int,
     hold_ms: int,
     every: tuple[int, int],
+    mode: str,
 ) -> None:
-    config = make_config(limit=limit, redis={"recoveryHold": f"{hold_ms}ms"}, **raw_config)
+    detector: dict[str, Any] = {"concurrencyMode": mode, "maxConcurrency": limit}
+    if mode != "requests":
+        detector["maxTokenConcurrency"] = TOKEN_BUDGET
+    config = make_config(
+        limit=limit,
+        redis={"recoveryHold": f"{hold_ms}ms"},
+        saturationDetector={"parameters": detector},
+        **raw_config,
+    )
     run = await run_history(backend, config, hold_ms, ops, every)
     # Every slot was dispatched once, and the pool ended empty (checked by the drain).
     assert len(run.dispatch_order) == len(set(run.dispatch_order))

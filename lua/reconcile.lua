@@ -81,7 +81,7 @@ for id, wid in pairs(held) do
       wid = track(wid, now)
       add_active(wid, 1)
     end
-    hold_slot(num, id, wid, now, tok)
+    grant_slot(num, replica, id, wid, now, 0, tok)
     readded = readded + 1
   end
 end

@@ -22,11 +22,7 @@ for i = 3, #ARGV - 3, 4 do
   local id, wid, lease, tok = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   if rcall('HEXISTS', K_HELD .. num, id) == 0 and rcall('HEXISTS', K_LEASED, id) == 0 then
     wid = track(wid, now)
-    if lease > 0 then
-      lease_slot(replica, id, wid, now, lease, tok)
-    else
-      hold_slot(num, id, wid, now, tok)
-    end
+    grant_slot(num, replica, id, wid, now, lease, tok)
     add_active(wid, 1)
     added = added + 1
   end

@@ -12,7 +12,12 @@ import msgspec
 
 from sidecar import contract
 from sidecar.contract import unescape_id
-from sidecar.policies import RoundRobinFairness, WorkloadAwareOrdering
+from sidecar.policies import (
+    EdfOrdering,
+    RoundRobinFairness,
+    SloDeadlineOrdering,
+    WorkloadAwareOrdering,
+)
 from sidecar.registry import METRIC_FIELDS, metrics_from_hash
 from sidecar.store.pool import NO_LIMIT, PoolStore
 
@@ -175,20 +180,30 @@ async def _band(store: PoolStore, pool: dict[str, str], priority: int, limit: in
         ranked = await client.zrange(rankset, 0, 10 * limit - 1, withscores=True)
         members += [(_text(m), float(k)) for m, k in ranked]
     lanes = [_lane(m, k, isinstance(band.ordering, WorkloadAwareOrdering)) for m, k in members]
-    # A ranking set holds a workload's best lane per set; its group holds all of them.
+    # A ranking set holds a workload's best lane per set; its group holds all of them. Both
+    # reads go in one round trip each, however many lanes there are (/metrics runs this).
     every = {m for m, _ in members}
+    groups = client.pipeline(transaction=False)
     for member, _ in members:
         parts = contract.LANE_ID.parse(contract.split_rank_member(member)[1])
         if parts.get("wid"):
             suffix = str(priority) + (contract.RANK_FLOW_SEP + parts["flow"] if round_robin else "")
-            group = store.key(contract.GROUP + suffix + contract.GROUP_SEP + parts["wid"])
-            every |= {_text(m) for m in await client.zrange(group, 0, 10 * limit - 1)}
+            groups.zrange(store.key(contract.GROUP + suffix + contract.GROUP_SEP + parts["wid"]),
+                          0, 10 * limit - 1)  # fmt: skip
+    for ranked in await groups.execute():
+        every |= {_text(m) for m in ranked}
+    lane_ids = [contract.split_rank_member(m)[1] for m in sorted(every)]
+    # edf and slo-deadline lanes are zsets, the others lists (lua/includes/lanes.lua keyed).
+    keyed = isinstance(band.ordering, EdfOrdering | SloDeadlineOrdering)
+    lengths = client.pipeline(transaction=False)
+    for lane_id in lane_ids:
+        key = store.key(contract.LANE + lane_id)
+        if keyed:
+            lengths.zcard(key)
+        else:
+            lengths.llen(key)
     per_flow: dict[str, int] = {}
-    for member in sorted(every):
-        lane_id = contract.split_rank_member(member)[1]
-        lane_key = store.key(contract.LANE + lane_id)
-        kind = _text(await client.type(lane_key))
-        n = await (client.zcard(lane_key) if kind == "zset" else client.llen(lane_key))
+    for lane_id, n in zip(lane_ids, await lengths.execute(), strict=True):
         flow = contract.LANE_ID.parse(lane_id)["flow"]
         per_flow[flow] = per_flow.get(flow, 0) + int(n)
     flows = sorted(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -76,3 +77,24 @@ async def test_estimated_tokens_in_flight_never_pass_the_limit_across_three_repl
     assert TOKEN_LIMIT // 2 < model.peak_tokens <= TOKEN_LIMIT
     if mode == "hybrid":
         assert model.peak <= 3
+
+
+async def test_a_chunked_body_past_the_limit_is_refused_before_its_tokens_are_estimated() -> None:
+    config = make_config(
+        server={"maxRequestBody": "1Ki"},
+        saturationDetector={
+            "parameters": {"concurrencyMode": "tokens", "maxTokenConcurrency": TOKEN_LIMIT}
+        },
+    )
+    model = SimulatedModel(latency_s=0)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"x" * 512
+
+    async with (
+        running_stack(config, model) as replica,
+        replica.session.post(f"{replica.data}/v1/completions", data=chunks()) as r,
+    ):
+        assert r.status == 413
+    assert model.arrivals == []

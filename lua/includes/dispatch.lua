@@ -7,7 +7,7 @@
   item); a slot a ticket holds is in leased, with its expiry in leases.
   Provides: notify(owner, id, status, wait, caller, out), has_capacity(now), took_capacity(),
   dispatch_item(id, lane, caller, now, out), pick_next() -> id, lane, dispatch_ready(caller, now,
-  out), hold_slot(num, id, wid, now, tok), lease_slot(owner, id, wid, now, lease, tok),
+  out), grant_slot(num, owner, id, wid, now, lease, tok),
   release_held(num, id), release_leased(id), release_item(caller, id) (held by the caller, else
   leased), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
   (writes what the call kept in memory: every script that changes state calls it before it
@@ -34,18 +34,23 @@ local function notify(owner, id, status, wait, caller, out)
   end
 end
 
-local function hold_slot(num, id, wid, now, tok)
-  rcall('HSET', K_HELD .. num, id, encode_held(wid, now, tok))
-  stat_add('inflight', 1)
-  if tok > 0 then stat_add('tok', tok) end
+-- A slot (and its tokens) entering (+1) or leaving (-1) the pool's in-flight count.
+local function count_slot(sign, tok)
+  stat_add('inflight', sign)
+  if tok > 0 then stat_add('tok', sign * tok) end
 end
 
--- A slot a ticket holds (a gateway, not a replica): only its lease or a release ends it.
-local function lease_slot(owner, id, wid, now, lease, tok)
-  rcall('HSET', K_LEASED, id, encode_leased(owner, wid, now, tok))
-  rcall('ZADD', K_LEASES, int(now + lease), id)
-  stat_add('inflight', 1)
-  if tok > 0 then stat_add('tok', tok) end
+-- Puts `id` in flight. Lease 0: the replica (owner number `num`, id `owner`) holds the slot.
+-- Otherwise a ticket does (a gateway, not the replica): only its lease or a release ends it, so a
+-- replica that stops or dies does not take back tickets that are still in use.
+local function grant_slot(num, owner, id, wid, now, lease, tok)
+  if lease > 0 then
+    rcall('HSET', K_LEASED, id, encode_leased(owner, wid, now, tok))
+    rcall('ZADD', K_LEASES, int(now + lease), id)
+  else
+    rcall('HSET', K_HELD .. num, id, encode_held(wid, now, tok))
+  end
+  count_slot(1, tok)
 end
 
 -- The saturation detector, for a request of `tok` estimated tokens. The concurrency detector:
@@ -99,13 +104,7 @@ local function dispatch_item(id, lane, caller, now, out)
   local rerank = rec.wid ~= ''
   unqueue_item(id, rec, now, true, rerank)
   local owner = owner_id(rec.owner)
-  if rec.lease == 0 then
-    hold_slot(rec.owner, id, rec.wid, now, rec.tok)
-  else
-    -- From now on a gateway holds the slot, not the replica: its lease alone ends it, so a
-    -- replica that stops or dies does not take back tickets that are still in use.
-    lease_slot(owner, id, rec.wid, now, rec.lease, rec.tok)
-  end
+  grant_slot(rec.owner, owner, id, rec.wid, now, rec.lease, rec.tok)
   if rerank then rerank_workload(rec.wid, now) end
   notify(owner, id, S_DISPATCHED, wait, caller, out)
   return true
@@ -158,8 +157,7 @@ local function release_held(num, id)
   if not raw then return false end
   rcall('HDEL', hk, id)
   local f = parse_held(raw)
-  stat_add('inflight', -1)
-  if (f.tok or 0) > 0 then stat_add('tok', -f.tok) end
+  count_slot(-1, f.tok)
   workload_done(f.wid)
   return true
 end
@@ -170,8 +168,7 @@ local function release_leased(id)
   rcall('HDEL', K_LEASED, id)
   rcall('ZREM', K_LEASES, id)
   local f = parse_leased(raw)
-  stat_add('inflight', -1)
-  if (f.tok or 0) > 0 then stat_add('tok', -f.tok) end
+  count_slot(-1, f.tok)
   workload_done(f.wid)
   return true
 end

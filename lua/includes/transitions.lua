@@ -31,12 +31,7 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     took_capacity()
     local id = item_id(stat_add('seq', 1))
     add_active(wid, 1)
-    -- A leased slot (a ticket) is held by a gateway, not by this replica: only its lease ends it.
-    if lease > 0 then
-      lease_slot(caller, id, wid, now, lease, tok)
-    else
-      hold_slot(num, id, wid, now, tok)
-    end
+    grant_slot(num, caller, id, wid, now, lease, tok)
     record_wait(wid, 0)
     return reply(S_DISPATCHED, id, '0', out)
   end

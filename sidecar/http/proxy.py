@@ -22,7 +22,7 @@ from sidecar.controller import Admission
 from sidecar.http.api import PREFIX as API_PREFIX
 from sidecar.http.classifying import classify_request
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
-from sidecar.http.limits import BodyTooLarge, capped, oversized, too_large
+from sidecar.http.limits import BodyTooLarge, capped, oversized, read_capped, too_large
 from sidecar.http.outcomes import (
     FAIL_OPEN,
     OUTCOME_HEADER,
@@ -130,18 +130,6 @@ class UpstreamBroken(Exception):
 ESTIMATOR = TokenEstimator()
 
 
-async def read_capped(request: web.Request, max_body: int) -> bytes | None:
-    """The whole body, or None when it is longer than ``max_body`` (0: no limit)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_chunked(CHUNK):
-        size += len(chunk)
-        if max_body and size > max_body:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 # The body limit leaves the admission API's paths to their handlers (sidecar/http/limits.py).
 BODY_LIMIT_EXEMPT = f"{API_PREFIX}/"
 _DISPATCHED = Outcome.DISPATCHED.value
@@ -163,8 +151,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     if config.counts_tokens and request.body_exists:
         # Tokens or hybrid mode: the body is read first, to estimate its tokens (prompt and
         # max_tokens / max_completion_tokens; sidecar/tokens.py), then forwarded as read.
-        read = await read_capped(request, max_body)
-        if read is None:
+        try:
+            read = await read_capped(request, max_body)
+        except BodyTooLarge:
             _log(request, 413, "body_too_large", 0, classified)
             return too_large(max_body)
         classified = msgspec.structs.replace(classified, tokens=ESTIMATOR.total(read))

@@ -14,7 +14,8 @@
     { reply, reply, ... } one per operation, each as its script returns it; or { -1 } no config.
 ]]
 -- @include transitions
-if not load_cfg() then return { S_NO_CONFIG } end
+-- The band of the first enqueue, if any, is read with the counters.
+if not load_cfg_hot(ARGV[2], ARGV[3] == 'e' and ARGV[4] or nil) then return { S_NO_CONFIG } end
 local caller = ARGV[2]
 local replies, i = {}, 3
 while i <= #ARGV do

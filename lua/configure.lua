@@ -9,7 +9,8 @@
     KEYS[1] pool prefix 'as:{<pool>}:'
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2..] field, value pairs: limit, maxReq, maxBytes, win (ms), alpha, idle (ms), maxTracked,
-             recover (ms: the hold on a fresh pool; 0 = none),
+             recover (ms: the hold on a fresh pool; 0 = none), and the optional settings
+             (contract CFG_OPTIONAL; one left out is deleted),
              and 'band:<priority>' / 'band:*' (default template) =
              'fairness|ordering|maxReq|maxBytes|wW|cW|rW|maxWait s|maxRate|aging'
   Output:
@@ -18,6 +19,7 @@
 ]]
 -- @include items
 -- @include counters
+pool_load_all()
 local abs
 if ARGV[1] ~= '' then
   abs = tonumber(ARGV[1])
@@ -53,10 +55,17 @@ else
   pool_set('seq', int(seq))
   pool_set('ilo', int(item_bucket(seq)))
   pool_set('dl0', '0')
+  pool_set(QUEUED_BANDS, '')
+end
+-- Optional settings the new configuration leaves out (a detector or a mode switched off).
+for _, field in ipairs(CFG_OPTIONAL) do
+  if not new[field] and POOL[field] then pool_del(field) end
 end
 pool_set('epoch', epoch)
 pool_set('hold', hold)
 for k, v in pairs(new) do pool_set(k, v) end
+-- The digest the hot scripts check their cached configuration against (includes/config.lua).
+pool_set(CFG_DIGEST, config_digest())
 flush_pool()
 if fresh then return { 1, epoch } end
 return { 0, epoch }

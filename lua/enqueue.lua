@@ -22,7 +22,7 @@
     caller that reached an outcome in this call.
 ]]
 -- @include transitions
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg_hot(ARGV[2], ARGV[3]) then return { S_NO_CONFIG } end
 local r = op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),
   tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10]) or 0,
   tonumber(ARGV[11]) or 0)

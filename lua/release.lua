@@ -10,7 +10,7 @@
     reclaimed), -1 no config; then 'id|status|wait_ms' for each item of the caller dispatched here.
 ]]
 -- @include transitions
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG } end
 local r = op_release(ARGV[1], ARGV[2], ARGV[3])
 flush_state()
 return r

@@ -73,6 +73,13 @@ CFG_FIELDS = (
     # The concurrency detector's token limit (tokens or hybrid mode; absent: none).
     "tokLimit",
 )
+# Settings a configuration may leave out: configure.lua deletes those it does not send, so a
+# pool reconfigured from the utilization detector, or from tokens mode, does not keep them.
+CFG_OPTIONAL = ("recover", "det", "stale", "qdt", "head", "tokLimit")
+# The digest of the configuration fields (CFG_FIELDS and band records), written by
+# configure.lua: the hot scripts keep the parsed configuration between calls while it is
+# unchanged (lua/includes/config.lua load_cfg_hot).
+CFG_DIGEST = "cfgv"
 DETECTOR_UTILIZATION = "u"
 # The newest saturation sample (lua/sample.lua): pool saturation, its pool time, stale and all
 # endpoints, and the dispatches since it was written.
@@ -81,6 +88,9 @@ SAMPLE_FIELDS = ("sat", "satT", "satStale", "satN", "since")
 # replica number sequence, next deadline second to sweep, lowest item bucket that may hold a
 # queued item, estimated tokens in flight.
 STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo", "tok")
+# The bands with queued items (ID_LIST_SEP-separated priorities, in no order), so the scripts
+# find the highest without scanning the pool hash (lua/includes/counters.lua queued_bands).
+QUEUED_BANDS = "qb"
 CFG_BAND = "band:"  # band:<priority> holds that band's BAND_CONFIG record
 CFG_BAND_DEFAULT = CFG_BAND + "*"  # the template of unlisted bands
 CFG_BAND_NEGATIVE = CFG_BAND + "-*"  # the template of unlisted negative bands, when configured
@@ -122,7 +132,7 @@ KEYS: tuple[KeySpec, ...] = (
         "hash",
         "configuration (configure.lua) and counters: queued, in flight, sequence, per band, "
         "per replica",
-        CFG_FIELDS + STATS_FIELDS + SAMPLE_FIELDS,
+        (*CFG_FIELDS, CFG_DIGEST, *STATS_FIELDS, QUEUED_BANDS, *SAMPLE_FIELDS),
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
     KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),

@@ -114,6 +114,9 @@ LUA_BUILTINS = {
     "type",
     "error",
     "pcall",
+    "rawset",
+    "rawget",
+    "setmetatable",
 }
 
 

@@ -1,37 +1,112 @@
 --[[
   The pool hash and the one clock. The pool hash holds the configuration (written by
-  configure.lua) and the pool's counters (includes/counters.lua) together, so a call reads both
-  with one HGETALL and writes what changed with one HSET (flush_pool).
-  Provides: init_config() (run by begin_call), POOL (the pool hash's fields as read, then as changed: pool_set), pool_set(field,
-  value), pool_del(field), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() -> false
-  when the pool has no configuration (Redis lost its data), band_cfg(band) -> the band's parsed
-  BAND_CONFIG record (cached per call), clock(override) -> pool-relative ms (TIME is read once
-  per call, and only when a transition needs the time).
+  configure.lua) and the pool's counters (includes/counters.lua) together. A call reads the
+  fields it needs and writes what changed with one HSET (flush_pool).
+  Two ways to read it: load_cfg() reads the whole hash (HGETALL), as every script but the hot
+  ones does; load_cfg_hot(caller, band) reads only the counters an admission needs (HMGET), and
+  takes the parsed configuration from a cache the library keeps per pool between calls, valid
+  while the pool's 'cfgv' (a digest of its configuration, written by configure.lua) is unchanged.
+  A field neither read up front is read on first use (POOL's __index), so every reader sees the
+  hash as it is; a digest cannot match a different configuration, so no fault (restart, flush,
+  failover) can make the cache serve a stale one.
+  Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
+  as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
+  pool_prefetch(fields), pool_set(field, value), pool_set_int(field, number), pool_int(field) ->
+  number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
+  filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
+  configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
+  now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
+  ms (TIME is read once per call, and only when a transition needs the time), hint(key, value)
+  (load_cfg_hot's guesses, see HINTS).
   Needs: contract.
 ]]
 -- @include contract
 
 -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
--- the fields as read, so one that changed and changed back (a release that dispatches) is not
--- written.
-local POOL, POOL_READ, POOL_DIRTY, POOL_GONE, CFG, BANDS, NOW
+-- the fields as read (false: read, and absent), so one that changed and changed back (a release
+-- that dispatches) is not written. POOL_ALL: every field read.
+-- PINT: integer fields set as numbers (pool_set_int), formatted once, when written.
+local POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT, POOL_ALL, CFG, BANDS, NOW
+local function fetch_field(t, field)
+  local n = PINT[field]
+  if n then return int(n) end
+  if POOL_ALL or POOL_READ[field] ~= nil or POOL_GONE[field] then return nil end
+  local v = rcall('HGET', K_POOL, field)
+  POOL_READ[field] = v
+  if not v then return nil end
+  rawset(t, field, v)
+  return v
+end
+local POOL_META = { __index = fetch_field }
+-- Between calls: pool hash key -> { ver = cfgv, cfg = CFG, bands = parsed band records }. Bounded
+-- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
+local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
+
 local function init_config()
-  POOL, POOL_READ, POOL_DIRTY, POOL_GONE, CFG, BANDS, NOW = {}, {}, {}, {}, {}, {}, nil
+  POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT = setmetatable({}, POOL_META), {}, {}, {}, {}
+  POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
+end
+
+local function pool_load_all()
+  if POOL_ALL then return end
   local v = rcall('HGETALL', K_POOL)
   for i = 1, #v, 2 do
-    POOL[v[i]] = v[i + 1]
-    POOL_READ[v[i]] = v[i + 1]
+    local field = v[i]
+    -- A field this call already read or changed keeps what it has.
+    if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
+      POOL_READ[field] = v[i + 1]
+      rawset(POOL, field, v[i + 1])
+    end
+  end
+  POOL_ALL = true
+end
+
+-- Reads the fields not read yet in one HMGET.
+local function pool_prefetch(fields)
+  if POOL_ALL then return end
+  local want, n = {}, 0
+  for i = 1, #fields do
+    local field = fields[i]
+    if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
+      n = n + 1
+      want[n] = field
+    end
+  end
+  if n == 0 then return end
+  local v = rcall('HMGET', K_POOL, unpack(want))
+  for i = 1, n do
+    local field, value = want[i], v[i]
+    POOL_READ[field] = value
+    if value then rawset(POOL, field, value) end
   end
 end
 
 local function pool_set(field, value)
-  POOL[field] = value
+  PINT[field] = nil
+  rawset(POOL, field, value)
   POOL_DIRTY[field] = true
   POOL_GONE[field] = nil
 end
 
+-- An integer field, kept as a number until the flush (a batch changes counters many times).
+local function pool_set_int(field, n)
+  -- Read through POOL's __index from now on, which formats it.
+  rawset(POOL, field, nil)
+  PINT[field] = n
+  POOL_DIRTY[field] = true
+  POOL_GONE[field] = nil
+end
+
+-- An integer field's value (0 when absent).
+local function pool_int(field)
+  local n = PINT[field]
+  if n then return n end
+  return tonumber(POOL[field]) or 0
+end
+
 local function pool_del(field)
-  POOL[field] = nil
+  PINT[field] = nil
+  rawset(POOL, field, nil)
   POOL_DIRTY[field] = nil
   POOL_GONE[field] = true
 end
@@ -39,38 +114,132 @@ end
 local function flush_pool()
   local args = {}
   for field in pairs(POOL_DIRTY) do
-    if POOL[field] ~= POOL_READ[field] then
+    local n = PINT[field]
+    local value
+    if n then value = int(n) else value = rawget(POOL, field) end
+    if value ~= POOL_READ[field] then
       args[#args + 1] = field
-      args[#args + 1] = POOL[field]
-      POOL_READ[field] = POOL[field]
+      args[#args + 1] = value
+      POOL_READ[field] = value
     end
   end
   if #args > 0 then rcall('HSET', K_POOL, unpack(args)) end
   local gone = {}
   for field in pairs(POOL_GONE) do
     gone[#gone + 1] = field
-    POOL_READ[field] = nil
+    POOL_READ[field] = false
   end
   if #gone > 0 then rcall('HDEL', K_POOL, unpack(gone)) end
   POOL_DIRTY, POOL_GONE = {}, {}
 end
 
-local function load_cfg()
-  local r = POOL
-  if not r.epoch then return false end
+-- The digest of the configuration fields as they are now: the settings and every band record,
+-- in field order. Needs every field read (pool_load_all).
+local function config_digest()
+  local parts = {}
+  for field, value in pairs(POOL) do
+    if CFG_FIELD[field] or string.sub(field, 1, #CFG_BAND) == CFG_BAND then
+      parts[#parts + 1] = field .. '=' .. value
+    end
+  end
+  table.sort(parts)
+  return redis.sha1hex(table.concat(parts, '\n'))
+end
+
+local function read_settings(r)
+  local c = {}
   -- After the pool's data was lost (Redis restarted empty), nothing is dispatched before this
   -- pool time, so every live replica can re-register what it still holds first (configure.lua).
-  CFG.hold = tonumber(r.hold) or 0
-  CFG.epoch, CFG.limit = tonumber(r.epoch), tonumber(r.limit)
-  CFG.maxReq, CFG.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
-  CFG.win, CFG.alpha, CFG.idle, CFG.maxTracked = tonumber(r.win), tonumber(r.alpha),
+  c.hold = tonumber(r.hold) or 0
+  c.epoch, c.limit = tonumber(r.epoch), tonumber(r.limit)
+  c.maxReq, c.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
+  c.win, c.alpha, c.idle, c.maxTracked = tonumber(r.win), tonumber(r.alpha),
     tonumber(r.idle), tonumber(r.maxTracked)
-  CFG.det = r.det
-  CFG.stale, CFG.qdt, CFG.head = tonumber(r.stale), tonumber(r.qdt), tonumber(r.head)
-  CFG.tokLimit = tonumber(r.tokLimit)
+  c.det = r.det
+  c.stale, c.qdt, c.head = tonumber(r.stale), tonumber(r.qdt), tonumber(r.head)
+  c.tokLimit = tonumber(r.tokLimit)
+  return c
+end
+
+local function remember_cfg()
+  local ver = POOL[CFG_DIGEST]
+  if not ver then return end
+  if not CONFIG_CACHE[K_POOL] then
+    if CONFIG_CACHED >= CONFIG_CACHE_MAX then CONFIG_CACHE, CONFIG_CACHED = {}, 0 end
+    CONFIG_CACHED = CONFIG_CACHED + 1
+  end
+  CONFIG_CACHE[K_POOL] = { ver = ver, cfg = CFG, bands = BANDS }
+end
+
+local function load_cfg()
+  pool_load_all()
+  if not POOL.epoch then return false end
+  CFG, BANDS = read_settings(POOL), {}
+  remember_cfg()
   return true
 end
 
+-- The counters every admission reads, with the caller's owner number (others are read when a
+-- path needs them: includes/counters.lua); the configuration from the cache when its digest
+-- still matches.
+-- Between calls, guesses that only save reads (every value is still read in the call that uses
+-- it): pool hash key .. replica -> the replica's owner number; pool hash key -> the band last
+-- touched; pool hash key .. '#' -> the owner number of the item queued last. Bounded like the
+-- configuration cache.
+local HINTS, HINTS_KEPT = {}, 0
+local function hint(key, value)
+  if HINTS[key] == nil then
+    if HINTS_KEPT >= 4 * CONFIG_CACHE_MAX then HINTS, HINTS_KEPT = {}, 0 end
+    HINTS_KEPT = HINTS_KEPT + 1
+  end
+  HINTS[key] = value
+end
+
+local function load_cfg_hot(caller, band)
+  local cached = CONFIG_CACHE[K_POOL]
+  if not cached then return load_cfg() end
+  local c = cached.cfg
+  local fields = { CFG_DIGEST, 'qn', 'qbytes', 'inflight', 'seq', QUEUED_BANDS,
+    REPLICA_NUMBER .. caller }
+  local n = #fields
+  -- What a queued enqueue or a dispatch reads next: the counters of the caller's number and of
+  -- the band (the call's, or the one last touched).
+  local num = HINTS[K_POOL .. caller]
+  -- The caller's, and the owner of the item queued last (whose items a dispatch here may take).
+  local queuer = HINTS[K_POOL .. '#']
+  if queuer == num then queuer = nil end
+  if num then
+    fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
+      RECLAIM .. num
+    n = n + 3
+  end
+  if queuer then
+    fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. queuer, OWNER_ID .. queuer,
+      RECLAIM .. queuer
+    n = n + 3
+  end
+  band = band or HINTS[K_POOL]
+  if band then
+    fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
+    n = n + 2
+  end
+  if c.tokLimit then
+    fields[n + 1] = 'tok'
+    n = n + 1
+  end
+  if c.det == DETECTOR_UTILIZATION then
+    fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
+  end
+  pool_prefetch(fields)
+  if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
+  CFG, BANDS = c, cached.bands
+  local known = rawget(POOL, REPLICA_NUMBER .. caller)
+  if known and known ~= num then hint(K_POOL .. caller, known) end
+  return true
+end
+
+-- Parsed once per configuration (BANDS is kept with it between calls): a band's record, or the
+-- template it falls back to, which the configuration alone decides.
 local function band_cfg(band)
   local b = BANDS[band]
   if b then return b end

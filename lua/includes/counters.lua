@@ -2,10 +2,11 @@
   The queue counters that caps, dispatch and the state view read, all fields of the pool hash
   (includes/config.lua): queued count and bytes of the pool, in-flight count and the item
   sequence (stats), queued count and bytes of each band (n:<priority>, b:<priority>; '0' once the
-  band emptied), queued count of each owner replica (q:<owner number>). Strict priority picks the
-  highest band whose count is above zero, so no separate set of bands is kept.
+  band emptied), queued count of each owner replica (q:<owner number>), and the list of bands
+  whose count is above zero ('qb'), from which strict priority picks the highest.
   Provides: init_counters() (run by begin_call), stats() -> { qn, qbytes, inflight, seq, tok }, stat_add(field, delta) -> new value,
-  band_counts(band) -> { n, bytes }, top_band() -> the highest band with queued items or nil,
+  band_counts(band) -> { n, bytes }, queued_bands() -> the bands with queued items (pool field
+  'qb'), top_band() -> the highest of them or nil,
   adjust_counts(rec, sign) for a parsed item record entering (+1) or leaving (-1),
   owner_queued(num) -> its queued count.
   Needs: contract, config.
@@ -13,53 +14,90 @@
 -- @include contract
 -- @include config
 
+-- The counters a call reads, each on first use (a fast-path release never needs the sequence).
 local ST
+local function read_stat(t, field)
+  local v = pool_int(field)
+  rawset(t, field, v)
+  return v
+end
+local ST_META = { __index = read_stat }
 local function init_counters()
   ST = nil
 end
 
 local function stats()
-  if not ST then
-    ST = { qn = tonumber(POOL.qn) or 0, qbytes = tonumber(POOL.qbytes) or 0,
-      inflight = tonumber(POOL.inflight) or 0, seq = tonumber(POOL.seq) or 0,
-      tok = tonumber(POOL.tok) or 0 }
-  end
+  if not ST then ST = setmetatable({}, ST_META) end
   return ST
 end
 
 local function stat_add(field, delta)
   local s = stats()
-  s[field] = s[field] + delta
-  pool_set(field, int(s[field]))
-  return s[field]
+  local v = s[field] + delta
+  s[field] = v
+  pool_set_int(field, v)
+  return v
 end
 
 local function band_counts(band)
-  return { n = tonumber(POOL[BAND_QUEUED .. band]) or 0,
-    bytes = tonumber(POOL[BAND_BYTES .. band]) or 0 }
+  return { n = pool_int(BAND_QUEUED .. band), bytes = pool_int(BAND_BYTES .. band) }
+end
+
+-- The bands with queued items, from the pool's 'qb' list (kept by adjust_counts), so no scan
+-- of the pool's fields is needed. A pool written before the list existed has none: its bands
+-- are found by a scan once, and the list is written from it.
+local function queued_bands()
+  local qb = POOL[QUEUED_BANDS]
+  if qb == nil and stats().qn > 0 then
+    pool_load_all()
+    local found = {}
+    for field, value in pairs(POOL) do
+      if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and value ~= '0' then
+        found[#found + 1] = string.sub(field, #BAND_QUEUED + 1)
+      end
+    end
+    qb = table.concat(found, ID_LIST_SEP)
+    pool_set(QUEUED_BANDS, qb)
+  end
+  if not qb or qb == '' then return {} end
+  local bands = {}
+  for band in string.gmatch(qb, '[^' .. ID_LIST_SEP .. ']+') do bands[#bands + 1] = band end
+  return bands
 end
 
 local function top_band()
   local top = nil
-  for field, value in pairs(POOL) do
-    if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and value ~= '0' then
-      local band = tonumber(string.sub(field, #BAND_QUEUED + 1))
-      if not top or band > top then top = band end
-    end
+  for _, band in ipairs(queued_bands()) do
+    local n = tonumber(band)
+    if not top or n > top then top = n end
   end
   if top then return int(top) end
   return nil
 end
 
+-- A band joined (+1) or left (-1) the bands with queued items.
+local function mark_band(band, sign)
+  local bands, kept = queued_bands(), {}
+  for _, b in ipairs(bands) do
+    if b ~= band then kept[#kept + 1] = b end
+  end
+  if sign > 0 then kept[#kept + 1] = band end
+  pool_set(QUEUED_BANDS, table.concat(kept, ID_LIST_SEP))
+end
+
 local function owner_queued(num)
-  return tonumber(POOL[OWNER_QUEUED .. num]) or 0
+  return pool_int(OWNER_QUEUED .. num)
 end
 
 local function adjust_counts(rec, sign)
+  hint(K_POOL, rec.band)
+  if sign > 0 then hint(K_POOL .. '#', int(rec.owner)) end
   stat_add('qn', sign)
   stat_add('qbytes', sign * rec.bytes)
   local c = band_counts(rec.band)
-  pool_set(BAND_QUEUED .. rec.band, int(math.max(c.n + sign, 0)))
-  pool_set(BAND_BYTES .. rec.band, int(math.max(c.bytes + sign * rec.bytes, 0)))
-  pool_set(OWNER_QUEUED .. rec.owner, int(math.max(owner_queued(rec.owner) + sign, 0)))
+  local n = math.max(c.n + sign, 0)
+  if (c.n == 0) ~= (n == 0) then mark_band(rec.band, sign) end
+  pool_set_int(BAND_QUEUED .. rec.band, n)
+  pool_set_int(BAND_BYTES .. rec.band, math.max(c.bytes + sign * rec.bytes, 0))
+  pool_set_int(OWNER_QUEUED .. rec.owner, math.max(owner_queued(rec.owner) + sign, 0))
 end

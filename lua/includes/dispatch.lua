@@ -73,7 +73,7 @@ local function has_capacity(now, tok)
 end
 
 local function took_capacity()
-  if CFG.det == DETECTOR_UTILIZATION then pool_set('since', int((tonumber(POOL.since) or 0) + 1)) end
+  if CFG.det == DETECTOR_UTILIZATION then pool_set_int('since', pool_int('since') + 1) end
 end
 
 -- Removes a queued item for good (cancelled, expired, reclaimed). Returns its record or false.
@@ -92,6 +92,10 @@ end
 local function dispatch_item(id, lane, caller, now, out)
   local rec = parse_item(item_get(id))
   if rec.tok > 0 and not has_capacity(now, rec.tok) then return nil end
+  -- Its band's and its owner's fields, in one read.
+  local o = rec.owner
+  pool_prefetch({ BAND_QUEUED .. rec.band, BAND_BYTES .. rec.band, OWNER_QUEUED .. o,
+    OWNER_ID .. o, RECLAIM .. o, 'qbytes' })
   if owner_reclaimed(rec.owner) then
     unqueue_item(id, rec, now, true)
     workload_done(rec.wid)

@@ -7,9 +7,10 @@
   A workload's hash is read at most once per call (HGETALL: counters and lanes together) and
   kept here; the fields that changed are written back once, by flush_workloads. A release that
   has no other reason to read its workload only sends its decrement (HINCRBY) at the flush.
-  Provides: init_registry() (run by begin_call), wkey(wid), rate_from(bi, c, p, now), count_request(wid, now), track(wid, now),
+  Provides: init_registry() (run by begin_call), wkey(wid), rate_from(bi, c, p, now), count_request(wid, now),
+  track(wid, now, counters_only),
   record_wait(wid, wait_s), add_active(wid, delta), workload_done(wid), workload_metrics(wid,
-  now) -> ema, rate, wstate(wid) -> the cached state, groups_of(wid) -> { suffix = best },
+  now) -> ema, rate, wstate(wid, counters_only) -> the cached state, groups_of(wid) -> { suffix = best },
   group_set(wid, suffix, best or nil) with best = { key, member }, compact_workload(wid),
   forget_workload(wid) after its hash was deleted,
   flush_workloads().
@@ -34,34 +35,55 @@ local function init_registry()
   WS, PENDING = {}, {}
 end
 
-local function wstate(wid)
-  local w = WS[wid]
-  if not w then
-    local v = rcall('HGETALL', wkey(wid))
-    w = { groups = {}, blank = {}, dirty = {}, dirty_groups = {}, exists = #v > 0 }
-    local stem = #WGROUP_FIELD
-    for i = 1, #v, 2 do
-      local f = v[i]
-      if NUMERIC[f] then
-        w[f] = tonumber(v[i + 1])
-      elseif string.sub(f, 1, stem) == WGROUP_FIELD then
-        if v[i + 1] ~= '' then
-          w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
-        else
-          w.blank[#w.blank + 1] = f
-        end
-      end
+local function pending_delta(wid, w)
+  local delta = PENDING[wid]
+  if delta then
+    PENDING[wid] = nil
+    if w.exists then
+      w.active = math.max((w.active or 0) + delta, 0)
+      w.dirty.active = true
     end
-    WS[wid] = w
-    local delta = PENDING[wid]
-    if delta then
-      PENDING[wid] = nil
-      if w.exists then
-        w.active = math.max((w.active or 0) + delta, 0)
-        w.dirty.active = true
+  end
+end
+
+-- The counters and the groups from one HGETALL.
+local function read_all(wid, w)
+  local v = rcall('HGETALL', wkey(wid))
+  w.groups, w.blank, w.exists = {}, {}, #v > 0
+  local stem = #WGROUP_FIELD
+  for i = 1, #v, 2 do
+    local f = v[i]
+    if NUMERIC[f] then
+      w[f] = tonumber(v[i + 1])
+    elseif string.sub(f, 1, stem) == WGROUP_FIELD then
+      if v[i + 1] ~= '' then
+        w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
+      else
+        w.blank[#w.blank + 1] = f
       end
     end
   end
+end
+
+-- `counters_only`: the caller needs no groups (nothing is queued in the pool, so no group holds
+-- a lane): one HMGET of the counters. Groups asked for later in the call are read then
+-- (groups_of).
+local function wstate(wid, counters_only)
+  local w = WS[wid]
+  if w then return w end
+  w = { dirty = {}, dirty_groups = {} }
+  if counters_only then
+    local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
+    w.bi, w.c, w.p, w.ema = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
+    w.n, w.active, w.t = tonumber(v[5]), tonumber(v[6]), tonumber(v[7])
+    -- Every tracked workload's hash holds its window (count_request writes it first).
+    w.exists = w.bi ~= nil
+    if not w.exists then read_all(wid, w) end
+  else
+    read_all(wid, w)
+  end
+  WS[wid] = w
+  pending_delta(wid, w)
   return w
 end
 
@@ -107,9 +129,9 @@ end
 -- the call that tracks it and deleted together by maintain.lua. The set's score is only the
 -- time it was first tracked (maintain.lua reads the hash's t before it expires anything), so a
 -- known workload costs no write here.
-local function track(wid, now)
+local function track(wid, now, counters_only)
   if wid == '' then return '' end
-  if wstate(wid).exists then return wid end
+  if wstate(wid, counters_only).exists then return wid end
   if CFG.maxTracked > 0 and rcall('ZCARD', K_WORKLOADS) >= CFG.maxTracked then return '' end
   rcall('ZADD', K_WORKLOADS, int(now), wid)
   return wid
@@ -124,8 +146,8 @@ local function record_wait(wid, wait_s)
   else
     ema = CFG.alpha * wait_s + (1 - CFG.alpha) * w.ema
   end
-  -- Stored as text and read back as the same double (fmt keeps 17 digits).
-  wset(w, 'ema', tonumber(fmt(ema)))
+  -- Stored as text with 17 digits (fmt), which reads back as the same double.
+  wset(w, 'ema', ema)
   wset(w, 'n', n + 1)
 end
 
@@ -158,18 +180,36 @@ local function workload_metrics(wid, now)
 end
 
 local function groups_of(wid)
-  return wstate(wid).groups
+  local w = wstate(wid)
+  if not w.groups then
+    -- Read counters-only: the groups come now (the counters this call has changed stay).
+    local v = rcall('HGETALL', wkey(wid))
+    w.groups, w.blank = {}, {}
+    local stem = #WGROUP_FIELD
+    for i = 1, #v, 2 do
+      local f = v[i]
+      if string.sub(f, 1, stem) == WGROUP_FIELD then
+        if v[i + 1] ~= '' then
+          w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
+        else
+          w.blank[#w.blank + 1] = f
+        end
+      end
+    end
+  end
+  return w.groups
 end
 
 local function group_set(wid, suffix, best)
   local w = wstate(wid)
-  w.groups[suffix] = best
+  groups_of(wid)[suffix] = best
   w.dirty_groups[suffix] = true
 end
 
 -- Deletes the fields of groups that emptied (written as '' by flush_workloads).
 local function compact_workload(wid)
   local w = wstate(wid)
+  groups_of(wid)
   local gone = {}
   for _, f in ipairs(w.blank) do
     if not w.dirty_groups[string.sub(f, #WGROUP_FIELD + 1)] then gone[#gone + 1] = f end

@@ -20,12 +20,15 @@
 -- checked against the queue caps, queued, and every dispatchable item is dispatched.
 local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo)
   local out = {}
-  local wid = track(raw_wid, now)
-  count_request(wid, now)
   local st = stats()
+  -- Nothing is queued: no workload has a lane to re-rank, so its groups need not be read.
+  local fast = st.qn == 0 and now >= CFG.hold and has_capacity(now, tok)
+  local wid = track(raw_wid, now, st.qn == 0)
+  wstate(wid, st.qn == 0)
+  count_request(wid, now)
   local num = owner_num(caller)
 
-  if st.qn == 0 and now >= CFG.hold and has_capacity(now, tok) then
+  if fast then
     -- Fast path: nothing waits, so nothing better waits; no queue structure is touched, and no
     -- lane of the workload exists to re-rank.
     took_capacity()
@@ -36,6 +39,8 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     return reply(S_DISPATCHED, id, '0', out)
   end
 
+  -- What the caps and the queue need, in one read.
+  pool_prefetch({ 'qbytes', QUEUED_BANDS, BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. num })
   local b = band_cfg(band)
   local bc = band_counts(band)
   if (CFG.maxReq > 0 and st.qn >= CFG.maxReq)

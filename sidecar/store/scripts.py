@@ -216,10 +216,26 @@ def contract_lua() -> str:
     # loaded once for every pool).
     lines.append("local P, " + ", ".join(f"K_{k.name}" for k in contract.KEYS) + "\n")
     # redis.call exists only inside a call (not while a library loads).
-    lines.append("local function set_prefix(p)\n  rcall = redis.call\n  P = p\n")
-    lines += [f"  K_{k.name} = p .. {_lua_string(k.suffix)}\n" for k in contract.KEYS]
-    lines.append("end\n")
+    # The keys of a pool are built once per pool and kept between calls (bounded like the
+    # configuration cache, lua/includes/config.lua).
+    names = ", ".join(f"K_{k.name}" for k in contract.KEYS)
+    built = ", ".join(f"p .. {_lua_string(k.suffix)}" for k in contract.KEYS)
+    taken = ", ".join(f"k[{i}]" for i in range(1, len(contract.KEYS) + 1))
+    lines.append(
+        "local PREFIX_KEYS, PREFIXES_KEPT = {}, 0\n"
+        "local function set_prefix(p)\n  rcall = redis.call\n  P = p\n"
+        "  local k = PREFIX_KEYS[p]\n"
+        "  if not k then\n"
+        "    if PREFIXES_KEPT >= 256 then PREFIX_KEYS, PREFIXES_KEPT = {}, 0 end\n"
+        f"    k = {{ {built} }}\n"
+        "    PREFIX_KEYS[p], PREFIXES_KEPT = k, PREFIXES_KEPT + 1\n"
+        "  end\n"
+        f"  {names} = {taken}\n"
+        "end\n"
+    )
     for name in (
+        "CFG_DIGEST",
+        "QUEUED_BANDS",
         "CFG_BAND",
         "CFG_BAND_DEFAULT",
         "CFG_BAND_NEGATIVE",
@@ -238,6 +254,9 @@ def contract_lua() -> str:
         "DETECTOR_UTILIZATION",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
+    settings = ", ".join(f"{f} = true" for f in contract.CFG_FIELDS)
+    optional = ", ".join(map(_lua_string, contract.CFG_OPTIONAL))
+    lines.append(f"local CFG_FIELD = {{ {settings} }}\nlocal CFG_OPTIONAL = {{ {optional} }}\n")
     for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS", "NO_SLO_KEY"):
         lines.append(f"local {name} = {getattr(contract, name)}\n")
     lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]

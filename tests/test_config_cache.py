@@ -1,0 +1,111 @@
+"""The hot scripts keep a pool's parsed configuration between calls (lua/includes/config.lua
+load_cfg_hot), valid while the pool's configuration digest is unchanged: a reconfiguration, a
+flushed and differently configured pool, or a configuration that leaves settings out must all
+be seen by the very next admission. And the list of bands with queued items ('qb'), which the
+hot scripts read instead of scanning the pool hash, is rebuilt for a pool written without it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar import contract
+from sidecar.outcome import ScriptStatus
+from sidecar.store import PoolStore
+from tests.conftest import Backend, make_config
+
+TTL = 60_000
+
+
+async def enq(store: PoolStore, now: int, band: int = 0) -> Any:
+    return await store.enqueue(
+        now=now, band=band, flow="f", workload="w", criticality=3, byte_size=10, ttl_ms=TTL
+    )
+
+
+async def test_a_reconfigured_limit_binds_the_next_admission(backend: Backend) -> None:
+    one = backend.store(make_config(limit=1))
+    await one.configure(now=0)
+    assert (await enq(one, 10)).status is ScriptStatus.DISPATCHED
+    assert (await enq(one, 11)).status is ScriptStatus.QUEUED
+    # Another replica (same pool) raises the limit: the queued item goes at the next release
+    # or admission, and the new one is dispatched on the fast path... once nothing waits.
+    three = backend.store(make_config(limit=3))
+    await three.configure(now=20)
+    third = await enq(three, 21)
+    assert third.status is ScriptStatus.DISPATCHED
+    pool = await one.client.hgetall(one.key(contract.POOL))
+    assert int(pool[b"inflight"]) == 3 and int(pool[b"qn"]) == 0
+    # And back down: the fast path sees limit 1 at once.
+    await one.configure(now=30)
+    assert (await enq(one, 31)).status is ScriptStatus.QUEUED
+
+
+async def test_a_flushed_pool_configured_otherwise_is_read_afresh(backend: Backend) -> None:
+    first = backend.store(make_config(limit=1))
+    await first.configure(now=0)
+    assert (await enq(first, 10)).status is ScriptStatus.DISPATCHED
+    await first.client.flushall()
+    # Same pool, same epoch, another limit: the hot path must not run on the one it kept.
+    again = backend.store(make_config(limit=2))
+    await again.configure(now=0)
+    statuses = [(await enq(again, 12)).status for _ in range(3)]
+    assert statuses == [ScriptStatus.DISPATCHED, ScriptStatus.DISPATCHED, ScriptStatus.QUEUED]
+
+
+async def test_reconfiguring_drops_the_settings_a_configuration_leaves_out(
+    backend: Backend,
+) -> None:
+    utilization = make_config(
+        saturationDetector={
+            "type": "utilization-detector",
+            "parameters": {"endpoints": ["http://127.0.0.1:9"]},
+        }
+    )
+    store = backend.store(utilization)
+    await store.configure(now=0)
+    # No sample was ever written: the utilization detector fails closed.
+    assert (await enq(store, 10)).status is ScriptStatus.QUEUED
+    tokens = make_config(
+        limit=5,
+        saturationDetector={
+            "parameters": {
+                "maxConcurrency": 5,
+                "concurrencyMode": "hybrid",
+                "maxTokenConcurrency": 1000,
+            }
+        },
+    )
+    await backend.store(tokens).configure(now=20)
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert b"det" not in pool and b"stale" not in pool and b"tokLimit" in pool
+    plain = backend.store(make_config(limit=5))
+    await plain.configure(now=30)
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert b"tokLimit" not in pool
+    # The concurrency detector now decides: the queued item went with the next admission.
+    assert (await enq(plain, 31)).status is ScriptStatus.DISPATCHED
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert int(pool[b"inflight"]) == 2 and int(pool[b"qn"]) == 0
+
+
+async def test_a_pool_without_its_band_list_still_dispatches_by_priority(
+    backend: Backend,
+) -> None:
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    low = await enq(store, 2, band=-1)
+    high = await enq(store, 3, band=5)
+    assert (low.status, high.status) == (ScriptStatus.QUEUED, ScriptStatus.QUEUED)
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert set(pool[b"qb"].decode().split(contract.ID_LIST_SEP)) == {"-1", "5"}
+    # As a pool written before the list existed.
+    await store.client.hdel(store.key(contract.POOL), "qb")
+    released = await store.release(first.item_id, now=4)
+    assert [d.item_id for d in released.deliveries] == [high.item_id]
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert pool[b"qb"] == b"-1"
+    released = await store.release(high.item_id, now=5)
+    assert [d.item_id for d in released.deliveries] == [low.item_id]
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert pool[b"qb"] == b""

@@ -47,13 +47,18 @@ local function init_config()
   POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
 end
 
+-- Neither read nor changed by this call yet.
+local function untouched(field)
+  return POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field]
+end
+
 local function pool_load_all()
   if POOL_ALL then return end
   local v = rcall('HGETALL', K_POOL)
   for i = 1, #v, 2 do
     local field = v[i]
     -- A field this call already read or changed keeps what it has.
-    if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
+    if untouched(field) then
       POOL_READ[field] = v[i + 1]
       rawset(POOL, field, v[i + 1])
     end
@@ -67,7 +72,7 @@ local function pool_prefetch(fields)
   local want, n = {}, 0
   for i = 1, #fields do
     local field = fields[i]
-    if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
+    if untouched(field) then
       n = n + 1
       want[n] = field
     end

@@ -154,26 +154,27 @@ local function dispatch_ready(caller, now, out)
   end
 end
 
--- Frees a slot a replica holds. Returns false when it holds no such slot.
-local function release_held(num, id)
-  local hk = K_HELD .. num
-  local raw = rcall('HGET', hk, id)
-  if not raw then return false end
-  rcall('HDEL', hk, id)
-  local f = parse_held(raw)
+-- Takes slot `id` out of the hash `key` (a replica's held slots, or the leased ones: `leased`)
+-- and out of the counts. Returns its record, or nil when the hash holds no such slot.
+local function take_slot(key, id, leased)
+  local raw = rcall('HGET', key, id)
+  if not raw then return nil end
+  rcall('HDEL', key, id)
+  local f
+  if leased then f = parse_leased(raw) else f = parse_held(raw) end
   count_slot(-1, f.tok)
   workload_done(f.wid)
-  return true
+  return f
+end
+
+-- Frees a slot a replica holds. Returns false when it holds no such slot.
+local function release_held(num, id)
+  return take_slot(K_HELD .. num, id, false) ~= nil
 end
 
 local function release_leased(id)
-  local raw = rcall('HGET', K_LEASED, id)
-  if not raw then return false end
-  rcall('HDEL', K_LEASED, id)
+  if not take_slot(K_LEASED, id, true) then return false end
   rcall('ZREM', K_LEASES, id)
-  local f = parse_leased(raw)
-  count_slot(-1, f.tok)
-  workload_done(f.wid)
   return true
 end
 

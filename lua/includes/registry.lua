@@ -46,22 +46,25 @@ local function pending_delta(wid, w)
   end
 end
 
+-- A field of the workload hash, if it names a group: its best lane into w.groups, or, emptied
+-- (''), into w.blank.
+local function take_group(w, f, value)
+  local stem = #WGROUP_FIELD
+  if string.sub(f, 1, stem) ~= WGROUP_FIELD then return end
+  if value ~= '' then
+    w.groups[string.sub(f, stem + 1)] = parse_best(value)
+  else
+    w.blank[#w.blank + 1] = f
+  end
+end
+
 -- The counters and the groups from one HGETALL.
 local function read_all(wid, w)
   local v = rcall('HGETALL', wkey(wid))
   w.groups, w.blank, w.exists = {}, {}, #v > 0
-  local stem = #WGROUP_FIELD
   for i = 1, #v, 2 do
     local f = v[i]
-    if NUMERIC[f] then
-      w[f] = tonumber(v[i + 1])
-    elseif string.sub(f, 1, stem) == WGROUP_FIELD then
-      if v[i + 1] ~= '' then
-        w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
-      else
-        w.blank[#w.blank + 1] = f
-      end
-    end
+    if NUMERIC[f] then w[f] = tonumber(v[i + 1]) else take_group(w, f, v[i + 1]) end
   end
 end
 
@@ -185,17 +188,7 @@ local function groups_of(wid)
     -- Read counters-only: the groups come now (the counters this call has changed stay).
     local v = rcall('HGETALL', wkey(wid))
     w.groups, w.blank = {}, {}
-    local stem = #WGROUP_FIELD
-    for i = 1, #v, 2 do
-      local f = v[i]
-      if string.sub(f, 1, stem) == WGROUP_FIELD then
-        if v[i + 1] ~= '' then
-          w.groups[string.sub(f, stem + 1)] = parse_best(v[i + 1])
-        else
-          w.blank[#w.blank + 1] = f
-        end
-      end
-    end
+    for i = 1, #v, 2 do take_group(w, v[i], v[i + 1]) end
   end
   return w.groups
 end

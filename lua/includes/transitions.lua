@@ -22,9 +22,11 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   local out = {}
   local st = stats()
   -- Nothing is queued: no workload has a lane to re-rank, so its groups need not be read.
-  local fast = st.qn == 0 and now >= CFG.hold and has_capacity(now, tok)
-  local wid = track(raw_wid, now, st.qn == 0)
-  wstate(wid, st.qn == 0)
+  local idle = st.qn == 0
+  local fast = idle and now >= CFG.hold and has_capacity(now, tok)
+  local wid = track(raw_wid, now, idle)
+  -- Anonymous (or past the cap): track did not read its state.
+  wstate(wid, idle)
   count_request(wid, now)
   local num = owner_num(caller)
 

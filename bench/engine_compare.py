@@ -8,6 +8,12 @@ other, each in a child process with its own redis-server, through the bench code
 noise hits both alike; the figures are medians over the rounds.
 
     python -m bench.engine_compare [--baseline REV] [--rounds N] [--seconds S] [--quick]
+                                   [--instructions]
+
+CPU time on a shared machine (a VM whose neighbours take its cores) moves by tens of percent
+from run to run, for both engines. ``--instructions`` adds a figure that does not: the machine
+instructions Redis executes per admission, counted by valgrind's callgrind on a redis-server of
+its own, for the same request mix, one engine after the other (exact, so one round is enough).
 
 Needs the repository's git history (a clone, not an export); without it the script says so and
 exits 2.
@@ -19,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +61,78 @@ asyncio.run(main(float(sys.argv[1]), sys.argv[2:]))
 """
 
 
+# Run in a tree's root: Redis instructions per admission for each kind, counted by callgrind on a
+# redis-server of its own: counters zeroed after a warm-up, dumped after `steps` steps.
+_INSTRUCTIONS_CHILD = """
+import asyncio, glob, json, os, re, socket, subprocess, sys, tempfile
+from redis.asyncio import Redis
+from bench.redis_bench import LoadDriver, LoadSpec
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def control(pid, flag):
+    subprocess.run(["callgrind_control", flag, str(pid)], check=True, capture_output=True)
+
+async def main(steps, kinds):
+    out_dir, port = tempfile.mkdtemp(prefix="callgrind-"), free_port()
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/cg.%p",
+         "redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=out_dir)
+    client = Redis.from_url(f"redis://127.0.0.1:{port}")
+    try:
+        for _ in range(600):
+            try:
+                await client.ping()
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        result = {}
+        for kind in kinds:
+            specs = [LoadSpec("", kind, f"cg-{kind}-{j}", f"cg-{j}", 64, 7 * j) for j in range(2)]
+            drivers = [LoadDriver(client, spec) for spec in specs]
+            for d in drivers:
+                await d.prepare()
+            for _ in range(3):
+                for d in drivers:
+                    await d.step()
+            control(server.pid, "-z")
+            await client.ping()  # wakes the server, which then takes the command
+            made = sum(d.made for d in drivers)
+            for _ in range(steps):
+                for d in drivers:
+                    await d.step()
+            made = sum(d.made for d in drivers) - made
+            before = set(glob.glob(f"{out_dir}/cg.*"))
+            control(server.pid, "-d")
+            await client.ping()
+            dump = None
+            for _ in range(600):
+                fresh = set(glob.glob(f"{out_dir}/cg.*")) - before
+                if fresh:
+                    dump = sorted(fresh)[-1]
+                    text = open(dump).read()
+                    found = re.search(r"^(?:summary|totals): (\\d+)", text, re.M)
+                    if found:
+                        break
+                await asyncio.sleep(0.1)
+            else:
+                raise SystemExit("callgrind wrote no dump")
+            result[kind] = int(found.group(1)) / made
+            await client.flushall()
+        print(json.dumps(result))
+    finally:
+        await client.aclose()
+        server.terminate()
+        server.wait(60)
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
+"""
+
+
 class CompareError(RuntimeError):
     pass
 
@@ -86,6 +165,15 @@ def cpu_round(root: Path, seconds: float) -> dict[str, float]:
     return figures
 
 
+def instructions_round(root: Path, steps: int) -> dict[str, float]:
+    """Redis instructions per admission of each kind, in the tree ``root`` (callgrind)."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        raise CompareError("--instructions needs valgrind (apt-get install valgrind)")
+    out = _run(root, ["-c", _INSTRUCTIONS_CHILD, str(steps), *KINDS], timeout=900)
+    figures: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return figures
+
+
 _PATH = re.compile(r"(fast|queued) path:\s+([\d.]+) commands per admission")
 
 
@@ -98,6 +186,8 @@ def command_counts(root: Path) -> dict[str, float]:
 class Comparison:
     rounds: dict[str, dict[str, list[float]]]  # engine -> kind -> µs per admission
     commands: dict[str, dict[str, float]]  # engine -> path -> commands per admission
+    # engine -> kind -> Redis instructions per admission (callgrind), when asked for
+    instructions: dict[str, dict[str, float]] | None = None
 
     def us(self, engine: str, kind: str) -> float:
         return statistics.median(self.rounds[engine][kind])
@@ -121,10 +211,24 @@ class Comparison:
         for path in ("fast", "queued"):
             old_n, new_n = self.commands["old"].get(path), self.commands["new"].get(path)
             lines.append(f"| {path} | {old_n} | {new_n} |")
+        if self.instructions is not None:
+            lines += [
+                "",
+                "Redis instructions per admission (callgrind, exact; one round):",
+                "",
+                "| load | before k instr/adm | after k instr/adm | after / before |",
+                "|---|---:|---:|---:|",
+            ]
+            for kind in KINDS:
+                old_i, new_i = self.instructions["old"][kind], self.instructions["new"][kind]
+                lines.append(
+                    f"| {kind} | {old_i / 1000:.1f} | {new_i / 1000:.1f} | {new_i / old_i:.2f} |"
+                )
         return "\n".join(lines)
 
 
-def compare(baseline: str, rounds: int, seconds: float) -> Comparison:
+def compare(baseline: str, rounds: int, seconds: float, instruction_steps: int = 0) -> Comparison:
+    """``instruction_steps`` > 0: also count instructions over that many steps per kind."""
     with tempfile.TemporaryDirectory(prefix="engine-baseline-") as tmp:
         roots = {"old": unpack(baseline, Path(tmp)), "new": ROOT}
         figures: dict[str, dict[str, list[float]]] = {e: {k: [] for k in KINDS} for e in roots}
@@ -133,7 +237,13 @@ def compare(baseline: str, rounds: int, seconds: float) -> Comparison:
                 for kind, us in cpu_round(root, seconds).items():
                     figures[engine][kind].append(us)
         commands = {engine: command_counts(root) for engine, root in roots.items()}
-    return Comparison(figures, commands)
+        instructions = None
+        if instruction_steps > 0:
+            instructions = {
+                engine: instructions_round(root, instruction_steps)
+                for engine, root in roots.items()
+            }
+    return Comparison(figures, commands, instructions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,10 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per load round")
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count Redis instructions per admission with valgrind's callgrind (exact)",
+    )
     args = parser.parse_args(argv)
     rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
+    steps = (2 if args.quick else 10) if args.instructions else 0
     try:
-        result = compare(args.baseline, rounds, seconds)
+        result = compare(args.baseline, rounds, seconds, steps)
     except CompareError as exc:
         print(f"engine_compare: {exc}", file=sys.stderr)
         return 2

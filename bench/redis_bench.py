@@ -41,7 +41,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench.report import Row, markdown_table
 from sidecar.config import Config, load_config
-from sidecar.contract import DELIVERY, POOL
+from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE, POOL, batch_op
 from sidecar.controller import Admission, FlowController
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
@@ -650,9 +650,8 @@ class LoadDriver:
     async def step(self) -> None:
         kind, replica, k = self.spec.kind, self.spec.replica, self.spec.batch
         if kind.endswith("-batch"):
-            ops: list[object] = [x for item in self.held for x in ("r", item)]
-            for _ in range(k):
-                ops += ["e", *self.enqueue_args()]
+            ops = [batch_op(OP_RELEASE, [item.decode()]) for item in self.held]
+            ops += [batch_op(OP_ENQUEUE, self.enqueue_args()) for _ in range(k)]
             replies = await self.client.fcall(
                 function_name("batch"), 1, self.prefix, "", replica, *ops
             )

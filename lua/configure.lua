@@ -66,6 +66,8 @@ pool_set('hold', hold)
 for k, v in pairs(new) do pool_set(k, v) end
 -- The digest the hot scripts check their cached configuration against (includes/config.lua).
 pool_set(CFG_DIGEST, config_digest())
+-- Keeps the hash a hashtable (contract POOL_LAYOUT): its fields are found without a scan.
+pool_set(POOL_LAYOUT, POOL_LAYOUT_NOTE)
 flush_pool()
 if fresh then return { 1, epoch } end
 return { 0, epoch }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from typing import NamedTuple
 
 # --- Keys -------------------------------------------------------------------------------------
@@ -88,6 +89,14 @@ SAMPLE_FIELDS = ("sat", "satT", "satStale", "satN", "since")
 # replica number sequence, next deadline second to sweep, lowest item bucket that may hold a
 # queued item, estimated tokens in flight.
 STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo", "tok")
+# A field whose value is longer than Redis's hash-max-listpack-value (64 by default), written by
+# configure.lua, so Redis keeps the pool hash as a hashtable: every script reads and writes a
+# dozen of its fields, and in a listpack each of those is a scan of the whole hash.
+POOL_LAYOUT = "layout"
+POOL_LAYOUT_NOTE = (
+    "hashtable: this value is longer than hash-max-listpack-value, so each field is found "
+    "without a scan"
+)
 # The bands with queued items (ID_LIST_SEP-separated priorities, in no order), so the scripts
 # find the highest without scanning the pool hash (lua/includes/counters.lua queued_bands).
 QUEUED_BANDS = "qb"
@@ -132,7 +141,7 @@ KEYS: tuple[KeySpec, ...] = (
         "hash",
         "configuration (configure.lua) and counters: queued, in flight, sequence, per band, "
         "per replica",
-        (*CFG_FIELDS, CFG_DIGEST, *STATS_FIELDS, QUEUED_BANDS, *SAMPLE_FIELDS),
+        (*CFG_FIELDS, CFG_DIGEST, *STATS_FIELDS, QUEUED_BANDS, *SAMPLE_FIELDS, POOL_LAYOUT),
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
     KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),
@@ -312,7 +321,25 @@ BAND_CONFIG = _record(
 )
 # What reconcile.lua did: in-flight items released, held slots re-added, queued items dropped.
 RECONCILED = _record("reconciled", "released:i readded:i dropped:i")
+# A coalesced operation, one argument of batch.lua each (one argument per operation, not one per
+# field: Redis turns each argument into a Lua string, which costs more than matching one record).
+# Tags are one character: batch.lua tells operations apart by the first.
+OP_ENQUEUE, OP_RELEASE = "e", "r"
+BATCH_ENQUEUE = _record(
+    "op_enqueue", "op:s band:s flow:s wid:s crit:i bytes:i ttl:i lease:i tok:i slo:i"
+)
+BATCH_RELEASE = _record("op_release", "op:s id:s")
 RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED)
+# Read by Lua field by field (fields_<name>), written only by Python. A release is its tag and
+# the item id: batch.lua takes the id as what follows the tag and SEP.
+OPERATIONS = (BATCH_ENQUEUE,)
+
+
+def batch_op(kind: str, args: Sequence[object]) -> str:
+    """One batch.lua operation: OP_ENQUEUE with enqueue.lua's fields after the time and the
+    caller, or OP_RELEASE with the item id."""
+    record = BATCH_ENQUEUE if kind == OP_ENQUEUE else BATCH_RELEASE
+    return record.encode(kind, *args)
 
 
 def split_best(raw: str) -> tuple[float, str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar import contract
 from sidecar.config import Config
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
@@ -210,7 +211,7 @@ class Run:
         expected = []
         for sub in subops:
             if sub[0] == "e":
-                flat += ["e", *sub[1:]]
+                flat.append(contract.batch_op(contract.OP_ENQUEUE, sub[1:]))
                 expected.append(self.model.enqueue(self.now, caller, *sub[1:]))
                 self._own(caller, expected[-1][0])
                 continue
@@ -218,7 +219,7 @@ class Run:
             if mine:
                 iid = mine[sub[1] % len(mine)]
                 self.held.remove(iid)
-                flat += ["r", iid]
+                flat.append(contract.batch_op(contract.OP_RELEASE, [iid]))
                 expected.append(self.model.release(self.now, caller, iid))
         if not flat:
             return

@@ -111,6 +111,7 @@ LUA_BUILTINS = {
     "pairs",
     "next",
     "unpack",
+    "select",
     "type",
     "error",
     "pcall",

@@ -11,13 +11,13 @@
   failover) can make the cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
-  pool_prefetch(fields), pool_set(field, value), pool_set_int(field, number), pool_int(field) ->
+  pool_prefetch(fields, fresh), pool_set(field, value), pool_set_int(field, number), pool_int(field) ->
   number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
   filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
   now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
-  ms (TIME is read once per call, and only when a transition needs the time), hint(key, value)
-  (load_cfg_hot's guesses, see HINTS).
+  ms (TIME is read once per call, and only when a transition needs the time), pool_hints() ->
+  the pool's guesses that save reads (see HINTS).
   Needs: contract.
 ]]
 -- @include contract
@@ -34,9 +34,10 @@ local function fetch_field(t, field)
   local v = rcall('HGET', K_POOL, field)
   POOL_READ[field] = v
   if not v then return nil end
-  rawset(t, field, v)
+  t[field] = v
   return v
 end
+-- Only __index: an assignment to POOL is a plain one (no __newindex).
 local POOL_META = { __index = fetch_field }
 -- Between calls: pool hash key -> { ver = cfgv, cfg = CFG, bands = parsed band records }. Bounded
 -- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
@@ -60,21 +61,25 @@ local function pool_load_all()
     -- A field this call already read or changed keeps what it has.
     if untouched(field) then
       POOL_READ[field] = v[i + 1]
-      rawset(POOL, field, v[i + 1])
+      POOL[field] = v[i + 1]
     end
   end
   POOL_ALL = true
 end
 
--- Reads the fields not read yet in one HMGET.
-local function pool_prefetch(fields)
+-- Reads the fields not read yet in one HMGET. `fresh`: the call has read and changed nothing
+-- yet (so every field is wanted).
+local function pool_prefetch(fields, fresh)
   if POOL_ALL then return end
-  local want, n = {}, 0
-  for i = 1, #fields do
-    local field = fields[i]
-    if untouched(field) then
-      n = n + 1
-      want[n] = field
+  local want, n = fields, #fields
+  if not fresh then
+    want, n = {}, 0
+    for i = 1, #fields do
+      local field = fields[i]
+      if untouched(field) then
+        n = n + 1
+        want[n] = field
+      end
     end
   end
   if n == 0 then return end
@@ -82,13 +87,13 @@ local function pool_prefetch(fields)
   for i = 1, n do
     local field, value = want[i], v[i]
     POOL_READ[field] = value
-    if value then rawset(POOL, field, value) end
+    if value then POOL[field] = value end
   end
 end
 
 local function pool_set(field, value)
   PINT[field] = nil
-  rawset(POOL, field, value)
+  POOL[field] = value
   POOL_DIRTY[field] = true
   POOL_GONE[field] = nil
 end
@@ -96,7 +101,7 @@ end
 -- An integer field, kept as a number until the flush (a batch changes counters many times).
 local function pool_set_int(field, n)
   -- Read through POOL's __index from now on, which formats it.
-  rawset(POOL, field, nil)
+  POOL[field] = nil
   PINT[field] = n
   POOL_DIRTY[field] = true
   POOL_GONE[field] = nil
@@ -111,12 +116,35 @@ end
 
 local function pool_del(field)
   PINT[field] = nil
-  rawset(POOL, field, nil)
+  POOL[field] = nil
   POOL_DIRTY[field] = nil
   POOL_GONE[field] = true
 end
 
+-- Between calls, per pool, guesses that only save reads (every value is still read in the call
+-- that uses it): `nums` replica -> its owner number, `band` the band last touched, `queuer` the
+-- owner number of the item queued last, `queued` whether the last call left a queue or every
+-- slot taken.
+-- Bounded like the configuration cache.
+local HINTS, HINTS_KEPT = {}, 0
+local function pool_hints()
+  local h = HINTS[K_POOL]
+  if h then return h end
+  if HINTS_KEPT >= CONFIG_CACHE_MAX then HINTS, HINTS_KEPT = {}, 0 end
+  HINTS_KEPT = HINTS_KEPT + 1
+  h = { nums = {}, nums_kept = 0, queued = false }
+  HINTS[K_POOL] = h
+  return h
+end
+
 local function flush_pool()
+  -- Whether the next call may take the queued path (a queue, or every slot taken), for its
+  -- guess of what to read (a call that did not read the counts leaves the guess as it was).
+  local qn = PINT.qn or tonumber(rawget(POOL, 'qn'))
+  if qn then
+    local inflight = PINT.inflight or tonumber(rawget(POOL, 'inflight'))
+    pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
+  end
   local args = {}
   for field in pairs(POOL_DIRTY) do
     local n = PINT[field]
@@ -184,49 +212,41 @@ local function load_cfg()
   return true
 end
 
--- The counters every admission reads, with the caller's owner number (others are read when a
--- path needs them: includes/counters.lua); the configuration from the cache when its digest
+-- The counters every admission reads, with the caller's owner number; when the last call left
+-- a queue or every slot taken, also what the queued path reads (others are read when a path
+-- needs them: includes/counters.lua). The configuration comes from the cache when its digest
 -- still matches.
--- Between calls, guesses that only save reads (every value is still read in the call that uses
--- it): pool hash key .. replica -> the replica's owner number; pool hash key -> the band last
--- touched; pool hash key .. '#' -> the owner number of the item queued last. Bounded like the
--- configuration cache.
-local HINTS, HINTS_KEPT = {}, 0
-local function hint(key, value)
-  if HINTS[key] == nil then
-    if HINTS_KEPT >= 4 * CONFIG_CACHE_MAX then HINTS, HINTS_KEPT = {}, 0 end
-    HINTS_KEPT = HINTS_KEPT + 1
-  end
-  HINTS[key] = value
-end
-
 local function load_cfg_hot(caller, band)
   local cached = CONFIG_CACHE[K_POOL]
   if not cached then return load_cfg() end
   local c = cached.cfg
-  local fields = { CFG_DIGEST, 'qn', 'qbytes', 'inflight', 'seq', QUEUED_BANDS,
-    REPLICA_NUMBER .. caller }
-  local n = #fields
-  -- What a queued enqueue or a dispatch reads next: the counters of the caller's number and of
-  -- the band (the call's, or the one last touched).
-  local num = HINTS[K_POOL .. caller]
-  -- The caller's, and the owner of the item queued last (whose items a dispatch here may take).
-  local queuer = HINTS[K_POOL .. '#']
-  if queuer == num then queuer = nil end
-  if num then
-    fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
-      RECLAIM .. num
-    n = n + 3
-  end
-  if queuer then
-    fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. queuer, OWNER_ID .. queuer,
-      RECLAIM .. queuer
-    n = n + 3
-  end
-  band = band or HINTS[K_POOL]
-  if band then
-    fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
-    n = n + 2
+  local h = pool_hints()
+  local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', REPLICA_NUMBER .. caller }
+  local n = 5
+  local num = h.nums[caller]
+  if h.queued then
+    -- What a queued enqueue or a dispatch reads next: the queue's totals, the counters of the
+    -- caller's number, of the owner of the item queued last (whose items a dispatch here may
+    -- take) and of the band (the call's, or the one last touched).
+    fields[6], fields[7] = 'qbytes', QUEUED_BANDS
+    n = 7
+    local queuer = h.queuer
+    if num and queuer == tonumber(num) then queuer = nil end
+    if num then
+      fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
+        RECLAIM .. num
+      n = n + 3
+    end
+    if queuer then
+      fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. queuer, OWNER_ID .. queuer,
+        RECLAIM .. queuer
+      n = n + 3
+    end
+    band = band or h.band
+    if band then
+      fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
+      n = n + 2
+    end
   end
   if c.tokLimit then
     fields[n + 1] = 'tok'
@@ -235,11 +255,14 @@ local function load_cfg_hot(caller, band)
   if c.det == DETECTOR_UTILIZATION then
     fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
   end
-  pool_prefetch(fields)
+  pool_prefetch(fields, true)
   if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
   CFG, BANDS = c, cached.bands
   local known = rawget(POOL, REPLICA_NUMBER .. caller)
-  if known and known ~= num then hint(K_POOL .. caller, known) end
+  if known and known ~= num then
+    if h.nums_kept >= CONFIG_CACHE_MAX then h.nums, h.nums_kept = {}, 0 end
+    h.nums[caller], h.nums_kept = known, h.nums_kept + 1
+  end
   return true
 end
 

@@ -5,7 +5,7 @@
   band emptied), queued count of each owner replica (q:<owner number>), and the list of bands
   whose count is above zero ('qb'), from which strict priority picks the highest.
   Provides: init_counters() (run by begin_call), stats() -> { qn, qbytes, inflight, seq, tok }, stat_add(field, delta) -> new value,
-  band_counts(band) -> { n, bytes }, queued_bands() -> the bands with queued items (pool field
+  band_counts(band) -> n, bytes, queued_bands() -> the bands with queued items (pool field
   'qb'), top_band() -> the highest of them or nil,
   adjust_counts(rec, sign) for a parsed item record entering (+1) or leaving (-1),
   owner_queued(num) -> its queued count.
@@ -18,29 +18,27 @@
 local ST
 local function read_stat(t, field)
   local v = pool_int(field)
-  rawset(t, field, v)
+  t[field] = v
   return v
 end
 local ST_META = { __index = read_stat }
 local function init_counters()
-  ST = nil
+  ST = setmetatable({}, ST_META)
 end
 
 local function stats()
-  if not ST then ST = setmetatable({}, ST_META) end
   return ST
 end
 
 local function stat_add(field, delta)
-  local s = stats()
-  local v = s[field] + delta
-  s[field] = v
+  local v = ST[field] + delta
+  ST[field] = v
   pool_set_int(field, v)
   return v
 end
 
 local function band_counts(band)
-  return { n = pool_int(BAND_QUEUED .. band), bytes = pool_int(BAND_BYTES .. band) }
+  return pool_int(BAND_QUEUED .. band), pool_int(BAND_BYTES .. band)
 end
 
 -- The bands with queued items, from the pool's 'qb' list (kept by adjust_counts), so no scan
@@ -90,14 +88,16 @@ local function owner_queued(num)
 end
 
 local function adjust_counts(rec, sign)
-  hint(K_POOL, rec.band)
-  if sign > 0 then hint(K_POOL .. '#', int(rec.owner)) end
+  local band, h = rec.band, pool_hints()
+  h.band = band
+  if sign > 0 then h.queuer = rec.owner end
   stat_add('qn', sign)
   stat_add('qbytes', sign * rec.bytes)
-  local c = band_counts(rec.band)
-  local n = math.max(c.n + sign, 0)
-  if (c.n == 0) ~= (n == 0) then mark_band(rec.band, sign) end
-  pool_set_int(BAND_QUEUED .. rec.band, n)
-  pool_set_int(BAND_BYTES .. rec.band, math.max(c.bytes + sign * rec.bytes, 0))
-  pool_set_int(OWNER_QUEUED .. rec.owner, math.max(owner_queued(rec.owner) + sign, 0))
+  local nk, bk, ok = BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. rec.owner
+  local was = pool_int(nk)
+  local n = math.max(was + sign, 0)
+  if (was == 0) ~= (n == 0) then mark_band(band, sign) end
+  pool_set_int(nk, n)
+  pool_set_int(bk, math.max(pool_int(bk) + sign * rec.bytes, 0))
+  pool_set_int(ok, math.max(pool_int(ok) + sign, 0))
 end

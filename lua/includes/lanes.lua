@@ -70,17 +70,19 @@ local function better(a, b)
 end
 
 -- Writes the group's best into its ranking set with the workload's current part of the key.
+-- Scores go to ZADD as Lua numbers: Redis formats them with 17 significant digits, which read
+-- back as the same double, and no string is made for them here.
 local function rank_group(b, wid, suffix, best, m)
-  rcall('ZADD', K_RANK .. suffix, fmt(workload_key(m[1], m[2], b) + best.key), best.member)
+  rcall('ZADD', K_RANK .. suffix, workload_key(m[1], m[2], b) + best.key, best.member)
 end
 
 local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
   local suffix = rank_suffix(b, parts)
   local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
   local old = groups_of(parts.wid)[suffix]
-  local mine = head and { key = tonumber(fmt(head_key(b, parts.crit, head))), member = head .. lane }
+  local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
   if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
-  if mine then rcall('ZADD', gk, fmt(mine.key), mine.member) end
+  if mine then rcall('ZADD', gk, mine.key, mine.member) end
   local best = old
   if old and old_head and old.member == old_head .. lane then
     -- The best lane lost its head: the next best is whatever the group now ranks first.
@@ -110,7 +112,7 @@ local function rank_lane(lane, b, old_head, now, deferred, head, in_lane)
   end
   local rs = rankset_of(b, parts.band, parts.flow)
   if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
-  if head then rcall('ZADD', rs, fmt(lane_key(b, parts, head, in_lane, nil, now)), head .. lane) end
+  if head then rcall('ZADD', rs, lane_key(b, parts, head, in_lane, nil, now), head .. lane) end
   return head
 end
 

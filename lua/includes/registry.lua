@@ -25,9 +25,12 @@ local function wkey(wid)
 end
 
 local NUMERIC = { bi = true, c = true, p = true, ema = true, n = true, active = true, t = true }
+-- The counters in the order flush_workloads writes them, and how.
+local COUNTERS = { 'bi', 'c', 'p', 'ema', 'n', 'active', 't' }
+local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 
 -- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best }, exists,
--- dirty = { field = true }, dirty_groups = { suffix = true } }
+-- changed (a counter changed: all are written), dirty_groups = { suffix = true } or nil }
 local WS
 -- Active-count changes of workloads this call did not otherwise read: wid -> delta.
 local PENDING
@@ -41,7 +44,7 @@ local function pending_delta(wid, w)
     PENDING[wid] = nil
     if w.exists then
       w.active = math.max((w.active or 0) + delta, 0)
-      w.dirty.active = true
+      w.changed = true
     end
   end
 end
@@ -74,15 +77,21 @@ end
 local function wstate(wid, counters_only)
   local w = WS[wid]
   if w then return w end
-  w = { dirty = {}, dirty_groups = {} }
   if counters_only then
     local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
-    w.bi, w.c, w.p, w.ema = tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4])
-    w.n, w.active, w.t = tonumber(v[5]), tonumber(v[6]), tonumber(v[7])
+    -- One constructor with every field: the table is sized once.
+    -- The previous bucket and the active count are often '0' (no tonumber needed).
+    local p, active = v[3], v[6]
+    w = { bi = tonumber(v[1]), c = tonumber(v[2]), p = p == '0' and 0 or tonumber(p),
+      ema = tonumber(v[4]), n = tonumber(v[5]), active = active == '0' and 0 or tonumber(active),
+      t = tonumber(v[7]), exists = false,
+      changed = false, groups = nil, blank = nil, dirty_groups = nil }
     -- Every tracked workload's hash holds its window (count_request writes it first).
     w.exists = w.bi ~= nil
     if not w.exists then read_all(wid, w) end
   else
+    w = { bi = nil, c = nil, p = nil, ema = nil, n = nil, active = nil, t = nil, exists = false,
+      changed = false, groups = nil, blank = nil, dirty_groups = nil }
     read_all(wid, w)
   end
   WS[wid] = w
@@ -92,7 +101,7 @@ end
 
 local function wset(w, field, value)
   w[field] = value
-  w.dirty[field] = true
+  w.changed = true
   w.exists = true
 end
 
@@ -196,6 +205,7 @@ end
 local function group_set(wid, suffix, best)
   local w = wstate(wid)
   groups_of(wid)[suffix] = best
+  if not w.dirty_groups then w.dirty_groups = {} end
   w.dirty_groups[suffix] = true
 end
 
@@ -203,9 +213,9 @@ end
 local function compact_workload(wid)
   local w = wstate(wid)
   groups_of(wid)
-  local gone = {}
+  local gone, dirty = {}, w.dirty_groups or {}
   for _, f in ipairs(w.blank) do
-    if not w.dirty_groups[string.sub(f, #WGROUP_FIELD + 1)] then gone[#gone + 1] = f end
+    if not dirty[string.sub(f, #WGROUP_FIELD + 1)] then gone[#gone + 1] = f end
   end
   if #gone > 0 then rcall('HDEL', wkey(wid), unpack(gone)) end
   w.blank = {}
@@ -216,22 +226,31 @@ local function forget_workload(wid)
   PENDING[wid] = nil
 end
 
-local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 local function flush_workloads()
   for wid, w in pairs(WS) do
-    local args = {}
-    for field in pairs(w.dirty) do
-      args[#args + 1] = field
-      args[#args + 1] = WRITE_AS[field](w[field])
+    local args, n = {}, 0
+    if w.changed then
+      -- Every counter the call holds (the unchanged ones are rewritten as they were read).
+      for i = 1, #COUNTERS do
+        local field = COUNTERS[i]
+        local value = w[field]
+        if value ~= nil then
+          args[n + 1], args[n + 2] = field, WRITE_AS[field](value)
+          n = n + 2
+        end
+      end
     end
     -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
-    for suffix in pairs(w.dirty_groups) do
-      args[#args + 1] = WGROUP_FIELD .. suffix
-      local best = w.groups[suffix]
-      args[#args + 1] = best and encode_best(best.key, best.member) or ''
+    if w.dirty_groups then
+      for suffix in pairs(w.dirty_groups) do
+        local best = w.groups[suffix]
+        args[n + 1], args[n + 2] = WGROUP_FIELD .. suffix,
+          best and encode_best(best.key, best.member) or ''
+        n = n + 2
+      end
     end
-    if #args > 0 then rcall('HSET', wkey(wid), unpack(args)) end
-    w.dirty, w.dirty_groups = {}, {}
+    if n > 0 then rcall('HSET', wkey(wid), unpack(args)) end
+    w.changed, w.dirty_groups = false, nil
   end
   for wid, delta in pairs(PENDING) do
     local left = rcall('HINCRBY', wkey(wid), 'active', delta)

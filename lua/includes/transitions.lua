@@ -44,10 +44,11 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   -- What the caps and the queue need, in one read.
   pool_prefetch({ 'qbytes', QUEUED_BANDS, BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. num })
   local b = band_cfg(band)
-  local bc = band_counts(band)
+  local band_n, band_bytes = band_counts(band)
   if (CFG.maxReq > 0 and st.qn >= CFG.maxReq)
     or (CFG.maxBytes > 0 and st.qbytes + bytes > CFG.maxBytes)
-    or (b.maxReq > 0 and bc.n >= b.maxReq) or (b.maxBytes > 0 and bc.bytes + bytes > b.maxBytes) then
+    or (b.maxReq > 0 and band_n >= b.maxReq)
+    or (b.maxBytes > 0 and band_bytes + bytes > b.maxBytes) then
     -- The request still counted toward its workload's rate: its queued lanes move.
     if wid ~= '' then rerank_workload(wid, now) end
     return reply(S_REJECTED_CAPACITY, '', '', out)

@@ -344,8 +344,8 @@ class PoolStore:
             ((kind, args),) = ops
             name = "enqueue" if kind == "e" else "release"
             return [self._reply(await self._call(name, None, self.replica_id, *args))]
-        flat = [x for kind, args in ops for x in (kind, *args)]
-        raw = await self._call("batch", None, self.replica_id, *flat)
+        packed = [contract.batch_op(kind, args) for kind, args in ops]
+        raw = await self._call("batch", None, self.replica_id, *packed)
         return [self._reply(r) for r in raw]
 
     async def cancel(

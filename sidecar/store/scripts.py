@@ -148,8 +148,9 @@ _HEADER = """--[[
   The Python <-> Lua contract, generated from sidecar/contract.py by sidecar/store/scripts.py
   (do not write these names by hand anywhere else).
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
-  codes; ID_WIDTH and item_id(seq); FAIR_<code> and ORDER_<code> policy codes; fmt and int
-  (numbers as Redis should store them); split; encode_<record>(...) and parse_<record>(raw).
+  codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
+  ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); split;
+  encode_<record>(...) and parse_<record>(raw); fields_<operation>(raw) -> its fields.
   Needs: nothing.
 ]]
 local rcall
@@ -158,7 +159,11 @@ local rcall
 _HELPERS = """local function item_id(seq) return string.format('%%0%dd', seq) end
 local function fmt(x) return string.format('%%.17g', x) end
 -- Numbers go to Redis formatted by us: Lua prints large ones with %%.14g and -0 as '-0'.
-local function int(x) return string.format('%%d', x) end
+-- Zero, the commonest, without a call to sprintf.
+local function int(x)
+  if x == 0 then return '0' end
+  return string.format('%%d', x)
+end
 local function split(s)
   local out, i = {}, 1
   while true do
@@ -175,7 +180,7 @@ end
 
 
 def _lua_string(value: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_:|*.,-]*", value):
+    if not re.fullmatch(r"[A-Za-z0-9_:|*., ^$()\[\]-]*", value):
         raise ValueError(f"{value!r} needs quoting rules the generator does not have")
     return f"'{value}'"
 
@@ -199,13 +204,47 @@ def _encode_lua(record: contract.Record) -> str:
     return f"local function encode_{record.name}({', '.join(names)})\n{body}end\n"
 
 
+def _match_lua(record: contract.Record) -> str:
+    """Lua statements that set v1..vN to the fields of ``raw`` (strings; nil when missing)."""
+    # One string.match for every field (a call per record, not a find and a sub per field);
+    # a record with fewer fields than the record has (a short lane id) is split instead, which
+    # leaves the missing ones nil.
+    names = [f"v{i}" for i in range(1, len(record.fields) + 1)]
+    listed = ", ".join(names)
+    field = f"([^{contract.SEP}]*)"
+    pattern = _lua_string("^" + contract.SEP.join([field] * len(names)))
+    taken = ", ".join(f"f[{i}]" for i in range(1, len(names) + 1))
+    short = ""
+    if record.required < len(names):
+        # Exactly the required fields (a lane id without its workload part).
+        required = names[: record.required]
+        exact = _lua_string("^" + contract.SEP.join([field] * len(required)) + "$")
+        short = f"  if v1 == nil then {', '.join(required)} = string.match(raw, {exact}) end\n"
+    return (
+        f"  local {listed} = string.match(raw, {pattern})\n{short}"
+        f"  if v1 == nil then\n    local f = split(raw)\n    {listed} = {taken}\n  end\n"
+    )
+
+
+def _number_lua(name: str) -> str:
+    """A Lua expression: the number in string ``name``. Zero, the commonest field value, is taken
+    without tonumber (whose strtod costs more than the rest of a parse)."""
+    return f"({name} == '0' and 0 or tonumber({name}))"
+
+
 def _parse_lua(record: contract.Record) -> str:
     values = ", ".join(
-        f"{f.name} = tonumber(f[{i}])" if f.kind in "if" else f"{f.name} = f[{i}]"
+        f"{f.name} = {_number_lua(f'v{i}')}" if f.kind in "if" else f"{f.name} = v{i}"
         for i, f in enumerate(record.fields, 1)
     )
-    head = f"local function parse_{record.name}(raw)\n  local f = split(raw)\n"
-    return f"{head}  return {{ {values} }}\nend\n"
+    head = f"local function parse_{record.name}(raw)\n"
+    return f"{head}{_match_lua(record)}  return {{ {values} }}\nend\n"
+
+
+def _fields_lua(record: contract.Record) -> str:
+    listed = ", ".join(f"v{i}" for i in range(1, len(record.fields) + 1))
+    head = f"local function fields_{record.name}(raw)\n"
+    return f"{head}{_match_lua(record)}  return {listed}\nend\n"
 
 
 @cache
@@ -252,6 +291,10 @@ def contract_lua() -> str:
         "RANK_FLOW_SEP",
         "ID_LIST_SEP",
         "DETECTOR_UTILIZATION",
+        "OP_ENQUEUE",
+        "OP_RELEASE",
+        "POOL_LAYOUT",
+        "POOL_LAYOUT_NOTE",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
     settings = ", ".join(f"{f} = true" for f in contract.CFG_FIELDS)
@@ -266,6 +309,7 @@ def contract_lua() -> str:
     lines.append(_HELPERS % (contract.ID_WIDTH, _lua_string(contract.SEP)))
     for record in contract.RECORDS:
         lines += [_encode_lua(record), _parse_lua(record)]
+    lines += [_fields_lua(record) for record in contract.OPERATIONS]
     lines.append(_BEST)
     return "".join(lines)
 

@@ -27,10 +27,9 @@ for i = 3, #ARGV do
   local op = string.sub(arg, 1, 1)
   if op == OP_ENQUEUE then
     local _, band, flow, wid, crit, bytes, ttl, lease, tok, slo = fields_op_enqueue(arg)
-    -- Lease, tokens and objective are mostly '0': taken without tonumber (its strtod is dear).
-    replies[i - 2] = op_enqueue(clock(ARGV[1]), caller, band, flow, wid, tonumber(crit),
-      tonumber(bytes), tonumber(ttl), lease == '0' and 0 or tonumber(lease),
-      tok == '0' and 0 or tonumber(tok), slo == '0' and 0 or tonumber(slo))
+    -- Small numbers are looked up rather than read by tonumber (its strtod is dear).
+    replies[i - 2] = op_enqueue(clock(ARGV[1]), caller, band, flow, wid, tonum(crit), tonum(bytes),
+      tonumber(ttl), tonum(lease), tonum(tok), tonum(slo))
   elseif op == OP_RELEASE then
     replies[i - 2] = op_release(ARGV[1], caller, string.sub(arg, #OP_RELEASE + #SEP + 1))
   else

@@ -23,10 +23,8 @@
 ]]
 -- @include transitions
 if not load_cfg_hot(ARGV[2], ARGV[3]) then return { S_NO_CONFIG } end
--- Lease, tokens and objective are mostly '0': taken without tonumber (its strtod is dear).
-local lease, tok, slo = ARGV[9], ARGV[10], ARGV[11]
-local r = op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonumber(ARGV[6]),
-  tonumber(ARGV[7]), tonumber(ARGV[8]), lease == '0' and 0 or tonumber(lease),
-  tok == '0' and 0 or tonumber(tok) or 0, slo == '0' and 0 or tonumber(slo) or 0)
+-- Small numbers are looked up rather than read by tonumber (its strtod is dear).
+local r = op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonum(ARGV[6]),
+  tonum(ARGV[7]), tonumber(ARGV[8]), tonum(ARGV[9]), tonum(ARGV[10]) or 0, tonum(ARGV[11]) or 0)
 flush_state()
 return r

@@ -77,7 +77,10 @@ def test_the_function_library_holds_every_script_and_each_include_once() -> None
     registered = re.findall(r"^redis.register_function\('(\w+)'", source, flags=re.MULTILINE)
     assert registered == [function_name(s) for s in SCRIPT_NAMES]
     # Nothing calls Redis while the library loads: only inside a call (begin_call first).
-    top_level = re.sub(r"(?s)local function .*?\nend\n|redis.register_function.*", "", source)
+    # (A function ends at the first 'end' indented as its 'function', in a do block or not.)
+    top_level = re.sub(
+        r"(?sm)^( *)(?:local )?function .*?\n\1end\n|redis.register_function.*", "", source
+    )
     assert "rcall(" not in top_level and "redis.call" not in top_level
 
 
@@ -126,7 +129,10 @@ def test_every_function_is_defined_before_it_is_used(name: str) -> None:
     """A local used before its definition would be read as a global (an error in Redis), so the
     includes must come in dependency order and each script must include what it calls."""
     code = re.sub(r"--\[\[.*?\]\]|--[^\n]*|'[^'\n]*'", "", script_source(name), flags=re.DOTALL)
-    defined = {m.group(1): m.start() for m in re.finditer(r"local (?:function )?(\w+)", code)}
+    defined: dict[str, int] = {}
+    for m in re.finditer(r"local (?:function )?(\w+(?:\s*,\s*\w+)*)", code):
+        for local in m.group(1).split(","):
+            defined[local.strip()] = m.start()
     for call in re.finditer(r"(?<![.:\w])([a-z_]\w*)\(", code):
         fn = call.group(1)
         if fn in LUA_BUILTINS or fn == "function":

@@ -111,7 +111,7 @@ end
 local function pool_int(field)
   local n = PINT[field]
   if n then return n end
-  return tonumber(POOL[field]) or 0
+  return tonum(POOL[field]) or 0
 end
 
 local function pool_del(field)
@@ -140,30 +140,33 @@ end
 local function flush_pool()
   -- Whether the next call may take the queued path (a queue, or every slot taken), for its
   -- guess of what to read (a call that did not read the counts leaves the guess as it was).
-  local qn = PINT.qn or tonumber(rawget(POOL, 'qn'))
+  local qn = PINT.qn or tonum(rawget(POOL, 'qn'))
   if qn then
-    local inflight = PINT.inflight or tonumber(rawget(POOL, 'inflight'))
+    local inflight = PINT.inflight or tonum(rawget(POOL, 'inflight'))
     pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
   end
-  local args = {}
+  local args, n = {}, 0
   for field in pairs(POOL_DIRTY) do
-    local n = PINT[field]
+    local number = PINT[field]
     local value
-    if n then value = int(n) else value = rawget(POOL, field) end
+    if number then value = int(number) else value = rawget(POOL, field) end
     if value ~= POOL_READ[field] then
-      args[#args + 1] = field
-      args[#args + 1] = value
+      args[n + 1], args[n + 2] = field, value
+      n = n + 2
       POOL_READ[field] = value
     end
   end
-  if #args > 0 then rcall('HSET', K_POOL, unpack(args)) end
-  local gone = {}
-  for field in pairs(POOL_GONE) do
-    gone[#gone + 1] = field
-    POOL_READ[field] = false
+  if n > 0 then rcall('HSET', K_POOL, unpack(args)) end
+  if next(POOL_GONE) ~= nil then
+    local gone = {}
+    for field in pairs(POOL_GONE) do
+      gone[#gone + 1] = field
+      POOL_READ[field] = false
+    end
+    rcall('HDEL', K_POOL, unpack(gone))
+    POOL_GONE = {}
   end
-  if #gone > 0 then rcall('HDEL', K_POOL, unpack(gone)) end
-  POOL_DIRTY, POOL_GONE = {}, {}
+  POOL_DIRTY = {}
 end
 
 -- The digest of the configuration fields as they are now: the settings and every band record,

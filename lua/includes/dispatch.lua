@@ -126,15 +126,15 @@ local function pick_next()
     -- The cursor outlives the band's queue, so a band that empties and refills keeps its turn.
     local cur = POOL[RR_CURSOR .. band]
     local flow = false
-    if cur then flow = rcall('ZRANGEBYLEX', fk, '(' .. cur, '+', 'LIMIT', 0, 1)[1] end
-    if not flow then flow = rcall('ZRANGE', fk, 0, 0)[1] end
+    if cur then flow = rcall('ZRANGEBYLEX', fk, '(' .. cur, '+', 'LIMIT', '0', '1')[1] end
+    if not flow then flow = rcall('ZRANGE', fk, '0', '0')[1] end
     if not flow then return nil end
     pool_set(RR_CURSOR .. band, flow)
     rs = rankset_of(b, band, flow)
   else
     rs = rankset_of(b, band, nil)
   end
-  local member = rcall('ZRANGE', rs, 0, 0)[1]
+  local member = rcall('ZRANGE', rs, '0', '0')[1]
   if not member then return nil end
   return string.sub(member, 1, ID_WIDTH), string.sub(member, ID_WIDTH + 1)
 end

@@ -12,10 +12,24 @@ local function item_bucket(id)
   return math.floor(tonumber(id) / ITEM_BUCKET)
 end
 
-local function item_key(id)
-  local seq = tonumber(id)
-  local bucket = math.floor(seq / ITEM_BUCKET)
-  return K_ITEMS .. int(bucket), int(seq - bucket * ITEM_BUCKET)
+-- The last id's key and field are remembered (a dispatch reads an item, then deletes it; ids
+-- queued together share a bucket), so its number is read and formatted once.
+local item_key
+do
+  local last_id, last_items, last_key, last_field
+  local bucket_of, bucket_key = nil, nil
+  function item_key(id)
+    if id == last_id and K_ITEMS == last_items then return last_key, last_field end
+    local seq = tonumber(id)
+    local bucket = math.floor(seq / ITEM_BUCKET)
+    local key = bucket_key
+    if bucket ~= bucket_of or K_ITEMS ~= last_items then
+      key = K_ITEMS .. int(bucket)
+      bucket_of, bucket_key = bucket, key
+    end
+    last_id, last_items, last_key, last_field = id, K_ITEMS, key, int(seq - bucket * ITEM_BUCKET)
+    return key, last_field
+  end
 end
 
 local function item_get(id)

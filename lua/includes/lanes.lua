@@ -47,10 +47,10 @@ end
 -- The lane's head and its key inside the lane (its sequence, or its deadline for edf).
 local function lane_head(lk, b)
   if keyed(b) then
-    local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
+    local hs = rcall('ZRANGE', lk, '0', '0', 'WITHSCORES')
     return hs[1] or false, tonumber(hs[2])
   end
-  local head = rcall('LINDEX', lk, 0)
+  local head = rcall('LINDEX', lk, '0')
   if not head then return false, nil end
   return head, tonumber(head)
 end
@@ -71,7 +71,8 @@ end
 
 -- Writes the group's best into its ranking set with the workload's current part of the key.
 -- Scores go to ZADD as Lua numbers: Redis formats them with 17 significant digits, which read
--- back as the same double, and no string is made for them here.
+-- back as the same double, and no string is made for them here. (Fixed counts and indexes, by
+-- contrast, are passed as text, '0': Redis would format a number with snprintf each call.)
 local function rank_group(b, wid, suffix, best, m)
   rcall('ZADD', K_RANK .. suffix, workload_key(m[1], m[2], b) + best.key, best.member)
 end
@@ -86,7 +87,7 @@ local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
   local best = old
   if old and old_head and old.member == old_head .. lane then
     -- The best lane lost its head: the next best is whatever the group now ranks first.
-    local hs = rcall('ZRANGE', gk, 0, 0, 'WITHSCORES')
+    local hs = rcall('ZRANGE', gk, '0', '0', 'WITHSCORES')
     best = hs[1] and { key = tonumber(hs[2]), member = hs[1] } or nil
   elseif mine and (not old or better(mine, old)) then
     best = mine
@@ -140,7 +141,7 @@ local function queue_item(id, raw, rec, now, deferred)
   end
   local new_lane, in_lane, old_head
   if keyed(b) then
-    local hs = rcall('ZRANGE', lk, 0, 0, 'WITHSCORES')
+    local hs = rcall('ZRANGE', lk, '0', '0', 'WITHSCORES')
     old_head = hs[1] or false
     in_lane = key_in_lane(b, id, rec)
     rcall('ZADD', lk, int(in_lane), id)
@@ -154,7 +155,7 @@ local function queue_item(id, raw, rec, now, deferred)
     new_lane = rcall('RPUSH', lk, id) == 1
   end
   if new_lane then
-    if b.fair == FAIR_RR then rcall('ZADD', K_FLOWS .. rec.band, 0, rec.flow) end
+    if b.fair == FAIR_RR then rcall('ZADD', K_FLOWS .. rec.band, '0', rec.flow) end
     rank_lane(lane, b, false, now, deferred, id, in_lane)
   end
   adjust_counts(rec, 1)
@@ -168,13 +169,13 @@ local function unqueue_item(id, rec, now, is_head, deferred)
   local lane = lane_of(b, rec)
   local lk = K_LANE .. lane
   if keyed(b) then
-    if not is_head then is_head = rcall('ZRANGE', lk, 0, 0)[1] == id end
+    if not is_head then is_head = rcall('ZRANGE', lk, '0', '0')[1] == id end
     rcall('ZREM', lk, id)
   elseif is_head then
     rcall('LPOP', lk)
   else
-    is_head = rcall('LINDEX', lk, 0) == id
-    if is_head then rcall('LPOP', lk) else rcall('LREM', lk, 1, id) end
+    is_head = rcall('LINDEX', lk, '0') == id
+    if is_head then rcall('LPOP', lk) else rcall('LREM', lk, '1', id) end
   end
   item_del(id)
   if is_head then

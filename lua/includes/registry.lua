@@ -27,10 +27,14 @@ end
 local NUMERIC = { bi = true, c = true, p = true, ema = true, n = true, active = true, t = true }
 -- The counters in the order flush_workloads writes them, and how.
 local COUNTERS = { 'bi', 'c', 'p', 'ema', 'n', 'active', 't' }
+local function clean_counters()
+  return { bi = false, c = false, p = false, ema = false, n = false, active = false, t = false }
+end
 local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 
 -- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best }, exists,
--- changed (a counter changed: all are written), dirty_groups = { suffix = true } or nil }
+-- dirty = { counter = changed? } (made with every counter, so it never grows), dirty_groups =
+-- { suffix = true } or nil }
 local WS
 -- Active-count changes of workloads this call did not otherwise read: wid -> delta.
 local PENDING
@@ -44,7 +48,7 @@ local function pending_delta(wid, w)
     PENDING[wid] = nil
     if w.exists then
       w.active = math.max((w.active or 0) + delta, 0)
-      w.changed = true
+      w.dirty.active = true
     end
   end
 end
@@ -67,7 +71,7 @@ local function read_all(wid, w)
   w.groups, w.blank, w.exists = {}, {}, #v > 0
   for i = 1, #v, 2 do
     local f = v[i]
-    if NUMERIC[f] then w[f] = tonumber(v[i + 1]) else take_group(w, f, v[i + 1]) end
+    if NUMERIC[f] then w[f] = tonum(v[i + 1]) else take_group(w, f, v[i + 1]) end
   end
 end
 
@@ -80,18 +84,16 @@ local function wstate(wid, counters_only)
   if counters_only then
     local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
     -- One constructor with every field: the table is sized once.
-    -- The previous bucket and the active count are often '0' (no tonumber needed).
-    local p, active = v[3], v[6]
-    w = { bi = tonumber(v[1]), c = tonumber(v[2]), p = p == '0' and 0 or tonumber(p),
-      ema = tonumber(v[4]), n = tonumber(v[5]), active = active == '0' and 0 or tonumber(active),
-      t = tonumber(v[7]), exists = false,
-      changed = false, groups = nil, blank = nil, dirty_groups = nil }
+    -- Counts are mostly small: looked up rather than read by tonumber (its strtod is dear).
+    w = { bi = tonumber(v[1]), c = tonum(v[2]), p = tonum(v[3]), ema = tonumber(v[4]), n = tonum(v[5]),
+      active = tonum(v[6]), t = tonumber(v[7]), exists = false,
+      dirty = clean_counters(), groups = nil, blank = nil, dirty_groups = nil }
     -- Every tracked workload's hash holds its window (count_request writes it first).
     w.exists = w.bi ~= nil
     if not w.exists then read_all(wid, w) end
   else
     w = { bi = nil, c = nil, p = nil, ema = nil, n = nil, active = nil, t = nil, exists = false,
-      changed = false, groups = nil, blank = nil, dirty_groups = nil }
+      dirty = clean_counters(), groups = nil, blank = nil, dirty_groups = nil }
     read_all(wid, w)
   end
   WS[wid] = w
@@ -101,7 +103,7 @@ end
 
 local function wset(w, field, value)
   w[field] = value
-  w.changed = true
+  w.dirty[field] = true
   w.exists = true
 end
 
@@ -229,15 +231,13 @@ end
 local function flush_workloads()
   for wid, w in pairs(WS) do
     local args, n = {}, 0
-    if w.changed then
-      -- Every counter the call holds (the unchanged ones are rewritten as they were read).
-      for i = 1, #COUNTERS do
-        local field = COUNTERS[i]
-        local value = w[field]
-        if value ~= nil then
-          args[n + 1], args[n + 2] = field, WRITE_AS[field](value)
-          n = n + 2
-        end
+    local dirty = w.dirty
+    for i = 1, #COUNTERS do
+      local field = COUNTERS[i]
+      if dirty[field] then
+        args[n + 1], args[n + 2] = field, WRITE_AS[field](w[field])
+        n = n + 2
+        dirty[field] = false
       end
     end
     -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
@@ -250,10 +250,10 @@ local function flush_workloads()
       end
     end
     if n > 0 then rcall('HSET', wkey(wid), unpack(args)) end
-    w.changed, w.dirty_groups = false, nil
+    w.dirty_groups = nil
   end
   for wid, delta in pairs(PENDING) do
-    local left = rcall('HINCRBY', wkey(wid), 'active', delta)
+    local left = rcall('HINCRBY', wkey(wid), 'active', int(delta))
     if left < 0 then
       -- Only if the invariant above was broken (data lost): never leave a negative count, and
       -- never a hash holding nothing but it.

@@ -149,7 +149,8 @@ _HEADER = """--[[
   (do not write these names by hand anywhere else).
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
   codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
-  ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); split;
+  ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
+  (tonumber, small integers remembered); split;
   encode_<record>(...) and parse_<record>(raw); fields_<operation>(raw) -> its fields.
   Needs: nothing.
 ]]
@@ -158,11 +159,33 @@ local rcall
 
 _HELPERS = """local function item_id(seq) return string.format('%%0%dd', seq) end
 local function fmt(x) return string.format('%%.17g', x) end
--- Numbers go to Redis formatted by us: Lua prints large ones with %%.14g and -0 as '-0'.
--- Zero, the commonest, without a call to sprintf.
-local function int(x)
-  if x == 0 then return '0' end
-  return string.format('%%d', x)
+-- Small integers and their text, both ways, remembered as they are met (the library cannot
+-- build tables at load: Redis runs its top level without the string library): formatting a
+-- number (sprintf) or reading one (strtod) costs more than the rest of encoding or parsing a
+-- record, and most numbers in records and counters are small. (A do block keeps the helpers'
+-- private table off the chunk's 200 locals.)
+local SMALL_NUMBER, int, tonum = {}, nil, nil
+do
+  local small_text = {}
+  local function small(n)
+    return type(n) == 'number' and n >= 0 and n < %d and n %% 1 == 0
+  end
+  -- Numbers go to Redis formatted by us: Lua prints large ones with %%.14g and -0 as '-0'.
+  function int(x)
+    local text = small_text[x]
+    if text then return text end
+    text = string.format('%%d', x)
+    if small(x) then small_text[x], SMALL_NUMBER[text] = text, x end
+    return text
+  end
+  -- tonumber(text), nil for nil.
+  function tonum(text)
+    local n = SMALL_NUMBER[text]
+    if n then return n end
+    n = tonumber(text)
+    if n and #text < 5 and small(n) then SMALL_NUMBER[text] = n end
+    return n
+  end
 end
 local function split(s)
   local out, i = {}, 1
@@ -226,10 +249,15 @@ def _match_lua(record: contract.Record) -> str:
     )
 
 
+# Integers from 0 to below this are remembered, text and number, once formatted or read.
+SMALL_INTS = 1024
+
+
 def _number_lua(name: str) -> str:
-    """A Lua expression: the number in string ``name``. Zero, the commonest field value, is taken
-    without tonumber (whose strtod costs more than the rest of a parse)."""
-    return f"({name} == '0' and 0 or tonumber({name}))"
+    """A Lua expression: the number in string ``name`` (nil stays nil). A small integer, the
+    commonest field value, is looked up instead of read by tonumber (whose strtod costs more
+    than the rest of a parse): ``tonum`` in the contract include."""
+    return f"tonum({name})"
 
 
 def _parse_lua(record: contract.Record) -> str:
@@ -261,15 +289,18 @@ def contract_lua() -> str:
     built = ", ".join(f"p .. {_lua_string(k.suffix)}" for k in contract.KEYS)
     taken = ", ".join(f"k[{i}]" for i in range(1, len(contract.KEYS) + 1))
     lines.append(
-        "local PREFIX_KEYS, PREFIXES_KEPT = {}, 0\n"
-        "local function set_prefix(p)\n  rcall = redis.call\n  P = p\n"
-        "  local k = PREFIX_KEYS[p]\n"
-        "  if not k then\n"
-        "    if PREFIXES_KEPT >= 256 then PREFIX_KEYS, PREFIXES_KEPT = {}, 0 end\n"
-        f"    k = {{ {built} }}\n"
-        "    PREFIX_KEYS[p], PREFIXES_KEPT = k, PREFIXES_KEPT + 1\n"
+        "local set_prefix\n"
+        "do\n"
+        "  local PREFIX_KEYS, PREFIXES_KEPT = {}, 0\n"
+        "  function set_prefix(p)\n    rcall = redis.call\n    P = p\n"
+        "    local k = PREFIX_KEYS[p]\n"
+        "    if not k then\n"
+        "      if PREFIXES_KEPT >= 256 then PREFIX_KEYS, PREFIXES_KEPT = {}, 0 end\n"
+        f"      k = {{ {built} }}\n"
+        "      PREFIX_KEYS[p], PREFIXES_KEPT = k, PREFIXES_KEPT + 1\n"
+        "    end\n"
+        f"    {names} = {taken}\n"
         "  end\n"
-        f"  {names} = {taken}\n"
         "end\n"
     )
     for name in (
@@ -306,7 +337,7 @@ def contract_lua() -> str:
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
-    lines.append(_HELPERS % (contract.ID_WIDTH, _lua_string(contract.SEP)))
+    lines.append(_HELPERS % (contract.ID_WIDTH, SMALL_INTS, _lua_string(contract.SEP)))
     for record in contract.RECORDS:
         lines += [_encode_lua(record), _parse_lua(record)]
     lines += [_fields_lua(record) for record in contract.OPERATIONS]

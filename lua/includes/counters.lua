@@ -16,12 +16,13 @@
 
 -- The counters a call reads, each on first use (a fast-path release never needs the sequence).
 local ST
-local function read_stat(t, field)
-  local v = pool_int(field)
-  t[field] = v
-  return v
-end
-local ST_META = { __index = read_stat }
+local ST_META = {
+  __index = function(t, field)
+    local v = pool_int(field)
+    t[field] = v
+    return v
+  end,
+}
 local function init_counters()
   ST = setmetatable({}, ST_META)
 end
@@ -94,10 +95,16 @@ local function adjust_counts(rec, sign)
   stat_add('qn', sign)
   stat_add('qbytes', sign * rec.bytes)
   local nk, bk, ok = BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. rec.owner
+  -- Counts never go below zero (data lost), written without math.max (a call each).
   local was = pool_int(nk)
-  local n = math.max(was + sign, 0)
+  local n = was + sign
+  if n < 0 then n = 0 end
   if (was == 0) ~= (n == 0) then mark_band(band, sign) end
   pool_set_int(nk, n)
-  pool_set_int(bk, math.max(pool_int(bk) + sign * rec.bytes, 0))
-  pool_set_int(ok, math.max(pool_int(ok) + sign, 0))
+  local b = pool_int(bk) + sign * rec.bytes
+  if b < 0 then b = 0 end
+  pool_set_int(bk, b)
+  local o = pool_int(ok) + sign
+  if o < 0 then o = 0 end
+  pool_set_int(ok, o)
 end

@@ -150,7 +150,7 @@ _HEADER = """--[[
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
   codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
   ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
-  (tonumber, small integers remembered); split;
+  (tonumber, small integers remembered: SMALL_NUMBER, SMALL_TEXT); split;
   encode_<record>(...) and parse_<record>(raw); fields_<operation>(raw) -> its fields.
   Needs: nothing.
 ]]
@@ -164,9 +164,9 @@ local function fmt(x) return string.format('%%.17g', x) end
 -- number (sprintf) or reading one (strtod) costs more than the rest of encoding or parsing a
 -- record, and most numbers in records and counters are small. (A do block keeps the helpers'
 -- private table off the chunk's 200 locals.)
-local SMALL_NUMBER, int, tonum = {}, nil, nil
+local SMALL_NUMBER, SMALL_TEXT, int, tonum = {}, {}, nil, nil
 do
-  local small_text = {}
+  local small_text = SMALL_TEXT
   local function small(n)
     return type(n) == 'number' and n >= 0 and n < %d and n %% 1 == 0
   end
@@ -209,7 +209,8 @@ def _lua_string(value: str) -> str:
 
 
 # How the Lua side writes a field of each kind (contract.Field.kind).
-_WRITE = {"s": "%s", "i": "int(%s)", "f": "fmt(%s)"}
+# (A small integer's text is looked up without calling int: a call costs more than the lookup.)
+_WRITE = {"s": "%s", "i": "(SMALL_TEXT[%s] or int(%s))", "f": "fmt(%s)"}
 
 
 def _encode_lua(record: contract.Record) -> str:
@@ -217,7 +218,7 @@ def _encode_lua(record: contract.Record) -> str:
     sep = f" .. {_lua_string(contract.SEP)} .. "
 
     def join(fields: tuple[contract.Field, ...]) -> str:
-        return sep.join(_WRITE[f.kind] % f.name for f in fields)
+        return sep.join(_WRITE[f.kind].replace("%s", f.name) for f in fields)
 
     body = f"  return {join(record.fields)}\n"
     if record.required < len(names):
@@ -257,7 +258,7 @@ def _number_lua(name: str) -> str:
     """A Lua expression: the number in string ``name`` (nil stays nil). A small integer, the
     commonest field value, is looked up instead of read by tonumber (whose strtod costs more
     than the rest of a parse): ``tonum`` in the contract include."""
-    return f"tonum({name})"
+    return f"(SMALL_NUMBER[{name}] or tonum({name}))"
 
 
 def _parse_lua(record: contract.Record) -> str:

@@ -113,7 +113,11 @@ def script_source(name: str) -> str:
 def library() -> tuple[str, str]:
     """The function library with every script (FUNCTION LOAD once, then FCALL): its name and
     source. Each script becomes the function ``<library>_<script>``; the library's name holds a
-    hash of its source, so replicas of different versions can share a Redis."""
+    hash of its source, so replicas of different versions can share a Redis.
+
+    Every include's top level is one Lua chunk, and Lua 5.1 allows a function 200 locals: the
+    library is near that, so an include keeps private helpers and tables inside a ``do`` block
+    (as the contract's ``int``/``tonum`` and ``item_key`` do) rather than adding top-level ones."""
     parts = [_split_script(name) for name in SCRIPT_NAMES]
     heads = "".join(
         line

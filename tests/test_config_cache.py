@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from sidecar import contract
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
+from sidecar.store.connect import connect
 from tests.conftest import Backend, make_config
 
 TTL = 60_000
@@ -109,3 +112,25 @@ async def test_a_pool_without_its_band_list_still_dispatches_by_priority(
     assert [d.item_id for d in released.deliveries] == [low.item_id]
     pool = await store.client.hgetall(store.key(contract.POOL))
     assert pool[b"qb"] == b""
+
+
+@pytest.mark.redis
+async def test_the_pool_hash_is_a_hashtable_so_its_fields_are_found_without_a_scan(
+    redis_server: Any,
+) -> None:
+    """configure.lua writes contract.POOL_LAYOUT, a value past hash-max-listpack-value: a pool
+    hash of a couple of dozen short fields would otherwise be a listpack, where each of the
+    dozen fields a call reads or writes is a scan of the whole hash."""
+    assert len(contract.POOL_LAYOUT_NOTE) > 64  # Redis's default hash-max-listpack-value
+    client, inbox = connect(redis_server.url, timeout_s=5.0)
+    try:
+        await client.flushall()
+        store = PoolStore(client, make_config(limit=1), "r1", inbox_client=inbox)
+        await store.configure(now=0)
+        await enq(store, 1)
+        key = store.key(contract.POOL)
+        assert await client.hget(key, contract.POOL_LAYOUT) == contract.POOL_LAYOUT_NOTE.encode()
+        assert await client.object("encoding", key) == b"hashtable"
+    finally:
+        await client.aclose()
+        await inbox.aclose()

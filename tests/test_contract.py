@@ -278,3 +278,29 @@ async def test_scripts_write_exactly_the_documented_keys(hold_tickets: bool) -> 
     assert seen == expected
     for s in stores:
         await s.client.aclose()
+
+
+async def test_remembered_numbers_read_and_format_as_tonumber_and_int_would() -> None:
+    """int and tonum (the contract include) remember small integers' text and number both ways;
+    every other value must come out as string.format('%d') and tonumber give it, whatever was
+    remembered before (the same library serves every call)."""
+    texts = ["0", "7", "007", "1023", "1024", "-1", "2.5", "1e3", "", "abc", " 5"]
+    numbers = [0, 7, 1023, 1024, -1, 2.5, 1e15, -0.0]
+    body = (
+        "local out = {}\n"
+        f"for round = 1, 2 do\n"
+        f"  for _, t in ipairs({{ {', '.join(repr(t) for t in texts)} }}) do\n"
+        "    out[#out + 1] = tostring(tonum(t)) == tostring(tonumber(t))"
+        " and (SMALL_NUMBER[t] or tonum(t)) == tonumber(t)\n"
+        "  end\n"
+        f"  for _, n in ipairs({{ {', '.join(repr(n) for n in numbers)} }}) do\n"
+        "    out[#out + 1] = int(n) == string.format('%d', n)"
+        " and (SMALL_TEXT[n] or int(n)) == string.format('%d', n)\n"
+        "  end\n"
+        "end\n"
+        "out[#out + 1] = tonum(nil) == nil and tonum(false) == nil\n"
+        "local failed = {}\n"
+        "for i, ok in ipairs(out) do if not ok then failed[#failed + 1] = i end end\n"
+        "return failed\n"
+    )
+    assert await _lua(body) == []

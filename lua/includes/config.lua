@@ -224,7 +224,8 @@ local function load_cfg_hot(caller, band)
   if not cached then return load_cfg() end
   local c = cached.cfg
   local h = pool_hints()
-  local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', REPLICA_NUMBER .. caller }
+  local number_field = REPLICA_NUMBER .. caller
+  local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field }
   local n = 5
   local num = h.nums[caller]
   if h.queued then
@@ -261,7 +262,7 @@ local function load_cfg_hot(caller, band)
   pool_prefetch(fields, true)
   if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
   CFG, BANDS = c, cached.bands
-  local known = rawget(POOL, REPLICA_NUMBER .. caller)
+  local known = rawget(POOL, number_field)
   if known and known ~= num then
     if h.nums_kept >= CONFIG_CACHE_MAX then h.nums, h.nums_kept = {}, 0 end
     h.nums[caller], h.nums_kept = known, h.nums_kept + 1

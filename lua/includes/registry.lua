@@ -24,13 +24,13 @@ local function wkey(wid)
   return K_W .. wid
 end
 
-local NUMERIC = { bi = true, c = true, p = true, ema = true, n = true, active = true, t = true }
--- The counters in the order flush_workloads writes them, and how.
+-- The counters and how each is written (a field of the hash is a counter exactly when it has an
+-- entry here), in the order flush_workloads writes them.
+local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 local COUNTERS = { 'bi', 'c', 'p', 'ema', 'n', 'active', 't' }
 local function clean_counters()
   return { bi = false, c = false, p = false, ema = false, n = false, active = false, t = false }
 end
-local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 
 -- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best }, exists,
 -- dirty = { counter = changed? } (made with every counter, so it never grows), dirty_groups =
@@ -71,7 +71,7 @@ local function read_all(wid, w)
   w.groups, w.blank, w.exists = {}, {}, #v > 0
   for i = 1, #v, 2 do
     local f = v[i]
-    if NUMERIC[f] then w[f] = tonum(v[i + 1]) else take_group(w, f, v[i + 1]) end
+    if WRITE_AS[f] then w[f] = tonum(v[i + 1]) else take_group(w, f, v[i + 1]) end
   end
 end
 

@@ -316,14 +316,14 @@ class PoolStore:
         fields = (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms, tokens, slo_ms)
         args = [str(x) for x in fields]
         if self._coalescer is not None and now is None and not direct:
-            return self._coalescer.submit(("e", args))
+            return self._coalescer.submit((contract.OP_ENQUEUE, args))
         call = self.call_direct if direct else self._call
         return asyncio.ensure_future(self._single("enqueue", call, now, args))
 
     def submit_release(self, item_id: str, now: int | None = None) -> asyncio.Future[ScriptReply]:
         """Starts a release (idempotent); the future is the store's, as for submit_enqueue."""
         if self._coalescer is not None and now is None:
-            return self._coalescer.submit(("r", [item_id]))
+            return self._coalescer.submit((contract.OP_RELEASE, [item_id]))
         return asyncio.ensure_future(self._single("release", self._call, now, [item_id]))
 
     async def _single(
@@ -342,7 +342,7 @@ class PoolStore:
         """One round trip for coalesced operations (a lone one goes as its own script)."""
         if len(ops) == 1:
             ((kind, args),) = ops
-            name = "enqueue" if kind == "e" else "release"
+            name = "enqueue" if kind == contract.OP_ENQUEUE else "release"
             return [self._reply(await self._call(name, None, self.replica_id, *args))]
         packed = [contract.batch_op(kind, args) for kind, args in ops]
         raw = await self._call("batch", None, self.replica_id, *packed)

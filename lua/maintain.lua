@@ -90,7 +90,7 @@ for _, r in ipairs(reclaiming) do
     scanned = scanned + 1
     local v = rcall('HGETALL', K_ITEMS .. int(bucket))
     for i = 1, #v, 2 do
-      if parse_item(v[i + 1]).owner == tonumber(num) then
+      if tonumber(parse_item(v[i + 1]).owner) == tonumber(num) then
         local id = item_id(bucket * ITEM_BUCKET + tonumber(v[i]))
         if drop_queued(id, now) then
           reclaimed = reclaimed + 1

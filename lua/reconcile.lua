@@ -57,7 +57,7 @@ if owner_queued(num) > 0 then
     for j = 1, #items, 2 do
       local rec = parse_item(items[j + 1])
       local id = item_id(bucket * ITEM_BUCKET + tonumber(items[j]))
-      if rec.owner == tonumber(num) and not queued[id] and not held[id]
+      if tonumber(rec.owner) == tonumber(num) and not queued[id] and not held[id]
         and now - rec.enq >= grace then
         drop_queued(id, now)
         dropped = dropped + 1

@@ -304,8 +304,9 @@ def _record(name: str, spec: str, required: int | None = None) -> Record:
 # A queued item (items:<bucket> hash): its owner's number, its lane's parts, size, enqueue time
 # (ms relative to the pool's epoch), TTL and ticket lease (ms). Short, so buckets stay listpacks.
 # tok: its estimated tokens (concurrency detector, tokens mode); slo: its TTFT objective, ms
-# (slo-deadline ordering; 0 = none).
-ITEM = _record("item", "owner:i band:s flow:s wid:s crit:i bytes:i enq:i ttl:i lease:i tok:i slo:i")
+# (slo-deadline ordering; 0 = none). The owner number is read as text: Lua only joins it into
+# field and key names (q:<n>, held:<n>), and joining a number formats it with sprintf each time.
+ITEM = _record("item", "owner:s band:s flow:s wid:s crit:i bytes:i enq:i ttl:i lease:i tok:i slo:i")
 # A slot a replica holds (held:<owner number>): for which workload, dispatched when.
 HELD_RECORD = _record("held", "wid:s since:i tok:i")
 # A slot a ticket holds (leased hash): the replica that issued it, the workload, since when.
@@ -367,6 +368,14 @@ ORDERING_CODES = ("fcfs", "edf", "wa", "slo")
 # slo-deadline ordering: a request without an SLO ranks after every one with (its deadline is
 # enq + slo, pool ms), in arrival order among themselves: this plus its sequence.
 NO_SLO_KEY = 2**52
+# Workload-aware rank keys are whole numbers: each part of the key (the workload's, the head's)
+# times RANK_KEY_SCALE, rounded half up, the same way in Lua (lua/includes/ordering.lua
+# rank_units) and in Python (WorkloadAwareOrdering.workload_key, head_key), so both sides rank
+# alike. Redis keeps a whole score in a listpack zset as an integer: placing a member then reads
+# no score with strtod, and neither side formats or parses a 17-digit double. Keys whose parts
+# differ by less than 1 / RANK_KEY_SCALE tie and go first come, first served. Exact while a key
+# stays below 2**53: aging terms up to ~9 * 10**9 score units.
+RANK_KEY_SCALE = 1_000_000
 
 
 # --- Escaping ---------------------------------------------------------------------------------

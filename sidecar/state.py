@@ -226,7 +226,8 @@ def _lane(member: str, key: float, workload_aware: bool) -> LaneState:
     parts = contract.LANE_ID.parse(lane)
     workload = unescape_id(parts.get("wid", ""))
     criticality = int(parts.get("crit", 0))
-    # A workload-aware rank key is minus the score (plus the static aging offset).
+    # A workload-aware rank key is minus the score (plus the static aging offset), in units of
+    # 1 / contract.RANK_KEY_SCALE.
     return LaneState(
         lane,
         unescape_id(parts["flow"]),
@@ -234,5 +235,5 @@ def _lane(member: str, key: float, workload_aware: bool) -> LaneState:
         criticality,
         head,
         key,
-        -key if workload_aware else None,
+        -key / contract.RANK_KEY_SCALE if workload_aware else None,
     )

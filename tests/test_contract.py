@@ -207,6 +207,7 @@ def _check_hash(spec: contract.KeySpec, key: str, fields: dict[str, str]) -> Non
             band, _, flow = f[len(contract.WGROUP_FIELD) :].partition(contract.RANK_FLOW_SEP)
             int(band)
             if v:
+                assert re.fullmatch(r"-?\d+", v.partition(contract.SEP)[0]), (key, v)
                 lane = contract.LANE_ID.parse(
                     contract.split_rank_member(contract.split_best(v)[1])[1]
                 )
@@ -218,10 +219,12 @@ async def _check_content(client: Any, spec: contract.KeySpec, key: str) -> None:
         fields = {_text(k): _text(v) for k, v in (await client.hgetall(key)).items()}
         _check_hash(spec, key, fields)
     elif spec.suffix in (contract.RANK, contract.GROUP):
-        for member in await client.zrange(key, 0, -1):
+        for member, score in await client.zrange(key, 0, -1, withscores=True):
             head, lane = contract.split_rank_member(_text(member))
             assert head.isdigit(), key
             contract.LANE_ID.parse(lane)
+            # Rank keys are whole numbers (contract.RANK_KEY_SCALE): listpack integers.
+            assert score == int(score), (key, score)
     elif spec.suffix == contract.INBOX:
         for msg in await client.lrange(key, 0, -1):
             ScriptStatus(int(contract.DELIVERY.parse(_text(msg))["status"]))

@@ -139,3 +139,20 @@ def test_every_function_is_defined_before_it_is_used(name: str) -> None:
             continue
         assert fn in defined, f"{name}: {fn} is not defined"
         assert defined[fn] < call.start(), f"{name}: {fn} is used before its definition"
+
+
+# Lua 5.1 allows a function 200 active locals, and the function library is one chunk: every
+# include's top-level locals (and those of a do block, while it runs) count. Past the limit Redis
+# refuses the whole library at FUNCTION LOAD ("main function has more than 200 local
+# variables"), so keep room: private helpers go inside do blocks (lua/includes/config.lua).
+LOCALS_HEADROOM = 10
+
+
+def test_library_main_chunk_leaves_room_for_more_locals() -> None:
+    from lupa import lua51  # fakeredis[lua] runs the same Lua 5.1
+
+    body = library()[1].split("\n", 1)[1]  # without the '#!lua' line
+    compile_error = lua51.LuaRuntime().eval("function(s) local _, e = loadstring(s); return e end")
+    spare = ", ".join(f"spare{i}" for i in range(LOCALS_HEADROOM))
+    assert compile_error(body) is None
+    assert compile_error(f"local {spare}\n{body}") is None

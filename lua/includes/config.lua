@@ -22,279 +22,286 @@
 ]]
 -- @include contract
 
--- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
--- the fields as read (false: read, and absent), so one that changed and changed back (a release
--- that dispatches) is not written. POOL_ALL: every field read.
--- PINT: integer fields set as numbers (pool_set_int), formatted once, when written.
-local POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT, POOL_ALL, CFG, BANDS, NOW
-local function fetch_field(t, field)
-  local n = PINT[field]
-  if n then return int(n) end
-  if POOL_ALL or POOL_READ[field] ~= nil or POOL_GONE[field] then return nil end
-  local v = rcall('HGET', K_POOL, field)
-  POOL_READ[field] = v
-  if not v then return nil end
-  t[field] = v
-  return v
-end
--- Only __index: an assignment to POOL is a plain one (no __newindex).
-local POOL_META = { __index = fetch_field }
--- Between calls: pool hash key -> { ver = cfgv, cfg = CFG, bands = parsed band records }. Bounded
--- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
-local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
-
-local function init_config()
-  POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT = setmetatable({}, POOL_META), {}, {}, {}, {}
-  POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
-end
-
--- Neither read nor changed by this call yet.
-local function untouched(field)
-  return POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field]
-end
-
-local function pool_load_all()
-  if POOL_ALL then return end
-  local v = rcall('HGETALL', K_POOL)
-  for i = 1, #v, 2 do
-    local field = v[i]
-    -- A field this call already read or changed keeps what it has.
-    if untouched(field) then
-      POOL_READ[field] = v[i + 1]
-      POOL[field] = v[i + 1]
-    end
+-- POOL and CFG, and the functions this include provides, are shared; the rest is private to
+-- the do block (the library's main chunk is held to Lua's 200 locals).
+local POOL, CFG
+local init_config, pool_load_all, pool_prefetch, pool_set, pool_set_int, pool_int, pool_del,
+  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock
+do
+  -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
+  -- the fields as read (false: read, and absent), so one that changed and changed back (a release
+  -- that dispatches) is not written. POOL_ALL: every field read.
+  -- PINT: integer fields set as numbers (pool_set_int), formatted once, when written.
+  local POOL_READ, POOL_DIRTY, POOL_GONE, PINT, POOL_ALL, BANDS, NOW
+  local function fetch_field(t, field)
+    local n = PINT[field]
+    if n then return int(n) end
+    if POOL_ALL or POOL_READ[field] ~= nil or POOL_GONE[field] then return nil end
+    local v = rcall('HGET', K_POOL, field)
+    POOL_READ[field] = v
+    if not v then return nil end
+    t[field] = v
+    return v
   end
-  POOL_ALL = true
-end
+  -- Only __index: an assignment to POOL is a plain one (no __newindex).
+  local POOL_META = { __index = fetch_field }
+  -- Between calls: pool hash key -> { ver = cfgv, cfg = CFG, bands = parsed band records }. Bounded
+  -- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
+  local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
 
--- Reads the fields not read yet in one HMGET. `fresh`: the call has read and changed nothing
--- yet (so every field is wanted).
-local function pool_prefetch(fields, fresh)
-  if POOL_ALL then return end
-  local want, n = fields, #fields
-  if not fresh then
-    want, n = {}, 0
-    for i = 1, #fields do
-      local field = fields[i]
+  function init_config()
+    POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT = setmetatable({}, POOL_META), {}, {}, {}, {}
+    POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
+  end
+
+  -- Neither read nor changed by this call yet.
+  local function untouched(field)
+    return POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field]
+  end
+
+  function pool_load_all()
+    if POOL_ALL then return end
+    local v = rcall('HGETALL', K_POOL)
+    for i = 1, #v, 2 do
+      local field = v[i]
+      -- A field this call already read or changed keeps what it has.
       if untouched(field) then
-        n = n + 1
-        want[n] = field
+        POOL_READ[field] = v[i + 1]
+        POOL[field] = v[i + 1]
       end
     end
+    POOL_ALL = true
   end
-  if n == 0 then return end
-  local v = rcall('HMGET', K_POOL, unpack(want))
-  for i = 1, n do
-    local field, value = want[i], v[i]
-    POOL_READ[field] = value
-    if value then POOL[field] = value end
-  end
-end
 
-local function pool_set(field, value)
-  PINT[field] = nil
-  POOL[field] = value
-  POOL_DIRTY[field] = true
-  POOL_GONE[field] = nil
-end
-
--- An integer field, kept as a number until the flush (a batch changes counters many times).
-local function pool_set_int(field, n)
-  -- Read through POOL's __index from now on, which formats it.
-  POOL[field] = nil
-  PINT[field] = n
-  POOL_DIRTY[field] = true
-  POOL_GONE[field] = nil
-end
-
--- An integer field's value (0 when absent).
-local function pool_int(field)
-  local n = PINT[field]
-  if n then return n end
-  return tonum(POOL[field]) or 0
-end
-
-local function pool_del(field)
-  PINT[field] = nil
-  POOL[field] = nil
-  POOL_DIRTY[field] = nil
-  POOL_GONE[field] = true
-end
-
--- Between calls, per pool, guesses that only save reads (every value is still read in the call
--- that uses it): `nums` replica -> its owner number, `band` the band last touched, `queuer` the
--- owner number of the item queued last, `queued` whether the last call left a queue or every
--- slot taken.
--- Bounded like the configuration cache.
-local HINTS, HINTS_KEPT = {}, 0
-local function pool_hints()
-  local h = HINTS[K_POOL]
-  if h then return h end
-  if HINTS_KEPT >= CONFIG_CACHE_MAX then HINTS, HINTS_KEPT = {}, 0 end
-  HINTS_KEPT = HINTS_KEPT + 1
-  h = { nums = {}, nums_kept = 0, queued = false }
-  HINTS[K_POOL] = h
-  return h
-end
-
-local function flush_pool()
-  -- Whether the next call may take the queued path (a queue, or every slot taken), for its
-  -- guess of what to read (a call that did not read the counts leaves the guess as it was).
-  local qn = PINT.qn or tonum(rawget(POOL, 'qn'))
-  if qn then
-    local inflight = PINT.inflight or tonum(rawget(POOL, 'inflight'))
-    pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
-  end
-  local args, n = {}, 0
-  for field in pairs(POOL_DIRTY) do
-    local number = PINT[field]
-    local value
-    if number then value = int(number) else value = rawget(POOL, field) end
-    if value ~= POOL_READ[field] then
-      args[n + 1], args[n + 2] = field, value
-      n = n + 2
+  -- Reads the fields not read yet in one HMGET. `fresh`: the call has read and changed nothing
+  -- yet (so every field is wanted).
+  function pool_prefetch(fields, fresh)
+    if POOL_ALL then return end
+    local want, n = fields, #fields
+    if not fresh then
+      want, n = {}, 0
+      for i = 1, #fields do
+        local field = fields[i]
+        if untouched(field) then
+          n = n + 1
+          want[n] = field
+        end
+      end
+    end
+    if n == 0 then return end
+    local v = rcall('HMGET', K_POOL, unpack(want))
+    for i = 1, n do
+      local field, value = want[i], v[i]
       POOL_READ[field] = value
+      if value then POOL[field] = value end
     end
   end
-  if n > 0 then rcall('HSET', K_POOL, unpack(args)) end
-  if next(POOL_GONE) ~= nil then
-    local gone = {}
-    for field in pairs(POOL_GONE) do
-      gone[#gone + 1] = field
-      POOL_READ[field] = false
+
+  function pool_set(field, value)
+    PINT[field] = nil
+    POOL[field] = value
+    POOL_DIRTY[field] = true
+    POOL_GONE[field] = nil
+  end
+
+  -- An integer field, kept as a number until the flush (a batch changes counters many times).
+  function pool_set_int(field, n)
+    -- Read through POOL's __index from now on, which formats it.
+    POOL[field] = nil
+    PINT[field] = n
+    POOL_DIRTY[field] = true
+    POOL_GONE[field] = nil
+  end
+
+  -- An integer field's value (0 when absent).
+  function pool_int(field)
+    local n = PINT[field]
+    if n then return n end
+    return tonum(POOL[field]) or 0
+  end
+
+  function pool_del(field)
+    PINT[field] = nil
+    POOL[field] = nil
+    POOL_DIRTY[field] = nil
+    POOL_GONE[field] = true
+  end
+
+  -- Between calls, per pool, guesses that only save reads (every value is still read in the call
+  -- that uses it): `nums` replica -> its owner number, `band` the band last touched, `queuer` the
+  -- owner number of the item queued last, `queued` whether the last call left a queue or every
+  -- slot taken.
+  -- Bounded like the configuration cache.
+  local HINTS, HINTS_KEPT = {}, 0
+  function pool_hints()
+    local h = HINTS[K_POOL]
+    if h then return h end
+    if HINTS_KEPT >= CONFIG_CACHE_MAX then HINTS, HINTS_KEPT = {}, 0 end
+    HINTS_KEPT = HINTS_KEPT + 1
+    h = { nums = {}, nums_kept = 0, queued = false }
+    HINTS[K_POOL] = h
+    return h
+  end
+
+  function flush_pool()
+    -- Whether the next call may take the queued path (a queue, or every slot taken), for its
+    -- guess of what to read (a call that did not read the counts leaves the guess as it was).
+    local qn = PINT.qn or tonum(rawget(POOL, 'qn'))
+    if qn then
+      local inflight = PINT.inflight or tonum(rawget(POOL, 'inflight'))
+      pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
     end
-    rcall('HDEL', K_POOL, unpack(gone))
-    POOL_GONE = {}
-  end
-  POOL_DIRTY = {}
-end
-
--- The digest of the configuration fields as they are now: the settings and every band record,
--- in field order. Needs every field read (pool_load_all).
-local function config_digest()
-  local parts = {}
-  for field, value in pairs(POOL) do
-    if CFG_FIELD[field] or string.sub(field, 1, #CFG_BAND) == CFG_BAND then
-      parts[#parts + 1] = field .. '=' .. value
+    local args, n = {}, 0
+    for field in pairs(POOL_DIRTY) do
+      local number = PINT[field]
+      local value
+      if number then value = int(number) else value = rawget(POOL, field) end
+      if value ~= POOL_READ[field] then
+        args[n + 1], args[n + 2] = field, value
+        n = n + 2
+        POOL_READ[field] = value
+      end
     end
-  end
-  table.sort(parts)
-  return redis.sha1hex(table.concat(parts, '\n'))
-end
-
-local function read_settings(r)
-  local c = {}
-  -- After the pool's data was lost (Redis restarted empty), nothing is dispatched before this
-  -- pool time, so every live replica can re-register what it still holds first (configure.lua).
-  c.hold = tonumber(r.hold) or 0
-  c.epoch, c.limit = tonumber(r.epoch), tonumber(r.limit)
-  c.maxReq, c.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
-  c.win, c.alpha, c.idle, c.maxTracked = tonumber(r.win), tonumber(r.alpha),
-    tonumber(r.idle), tonumber(r.maxTracked)
-  c.det = r.det
-  c.stale, c.qdt, c.head = tonumber(r.stale), tonumber(r.qdt), tonumber(r.head)
-  c.tokLimit = tonumber(r.tokLimit)
-  return c
-end
-
-local function remember_cfg()
-  local ver = POOL[CFG_DIGEST]
-  if not ver then return end
-  if not CONFIG_CACHE[K_POOL] then
-    if CONFIG_CACHED >= CONFIG_CACHE_MAX then CONFIG_CACHE, CONFIG_CACHED = {}, 0 end
-    CONFIG_CACHED = CONFIG_CACHED + 1
-  end
-  CONFIG_CACHE[K_POOL] = { ver = ver, cfg = CFG, bands = BANDS }
-end
-
-local function load_cfg()
-  pool_load_all()
-  if not POOL.epoch then return false end
-  CFG, BANDS = read_settings(POOL), {}
-  remember_cfg()
-  return true
-end
-
--- The counters every admission reads, with the caller's owner number; when the last call left
--- a queue or every slot taken, also what the queued path reads (others are read when a path
--- needs them: includes/counters.lua). The configuration comes from the cache when its digest
--- still matches.
-local function load_cfg_hot(caller, band)
-  local cached = CONFIG_CACHE[K_POOL]
-  if not cached then return load_cfg() end
-  local c = cached.cfg
-  local h = pool_hints()
-  local number_field = REPLICA_NUMBER .. caller
-  local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field }
-  local n = 5
-  local num = h.nums[caller]
-  if h.queued then
-    -- What a queued enqueue or a dispatch reads next: the queue's totals, the counters of the
-    -- caller's number, of the owner of the item queued last (whose items a dispatch here may
-    -- take) and of the band (the call's, or the one last touched).
-    fields[6], fields[7] = 'qbytes', QUEUED_BANDS
-    n = 7
-    local queuer = h.queuer
-    if num and queuer == tonumber(num) then queuer = nil end
-    if num then
-      fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
-        RECLAIM .. num
-      n = n + 3
+    if n > 0 then rcall('HSET', K_POOL, unpack(args)) end
+    if next(POOL_GONE) ~= nil then
+      local gone = {}
+      for field in pairs(POOL_GONE) do
+        gone[#gone + 1] = field
+        POOL_READ[field] = false
+      end
+      rcall('HDEL', K_POOL, unpack(gone))
+      POOL_GONE = {}
     end
-    if queuer then
-      fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. queuer, OWNER_ID .. queuer,
-        RECLAIM .. queuer
-      n = n + 3
-    end
-    band = band or h.band
-    if band then
-      fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
-      n = n + 2
-    end
+    POOL_DIRTY = {}
   end
-  if c.tokLimit then
-    fields[n + 1] = 'tok'
-    n = n + 1
-  end
-  if c.det == DETECTOR_UTILIZATION then
-    fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
-  end
-  pool_prefetch(fields, true)
-  if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
-  CFG, BANDS = c, cached.bands
-  local known = rawget(POOL, number_field)
-  if known and known ~= num then
-    if h.nums_kept >= CONFIG_CACHE_MAX then h.nums, h.nums_kept = {}, 0 end
-    h.nums[caller], h.nums_kept = known, h.nums_kept + 1
-  end
-  return true
-end
 
--- Parsed once per configuration (BANDS is kept with it between calls): a band's record, or the
--- template it falls back to, which the configuration alone decides.
-local function band_cfg(band)
-  local b = BANDS[band]
-  if b then return b end
-  local raw = POOL[CFG_BAND .. band]
-  -- An unlisted negative band takes defaultNegativePriorityBand when one is configured.
-  if not raw and (tonumber(band) or 0) < 0 then raw = POOL[CFG_BAND_NEGATIVE] end
-  if not raw then raw = POOL[CFG_BAND_DEFAULT] end
-  b = parse_band(raw)
-  BANDS[band] = b
-  return b
-end
-
--- The one clock: Redis TIME, unless a test passes an override (absolute ms). Read at most once
--- per call: every transition of a call sees the same time.
-local function clock(override)
-  if NOW then return NOW end
-  local abs
-  if override and override ~= '' then
-    abs = tonumber(override)
-  else
-    local t = rcall('TIME')
-    abs = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  -- The digest of the configuration fields as they are now: the settings and every band record,
+  -- in field order. Needs every field read (pool_load_all).
+  function config_digest()
+    local parts = {}
+    for field, value in pairs(POOL) do
+      if CFG_FIELD[field] or string.sub(field, 1, #CFG_BAND) == CFG_BAND then
+        parts[#parts + 1] = field .. '=' .. value
+      end
+    end
+    table.sort(parts)
+    return redis.sha1hex(table.concat(parts, '\n'))
   end
-  NOW = abs - CFG.epoch
-  return NOW
+
+  local function read_settings(r)
+    local c = {}
+    -- After the pool's data was lost (Redis restarted empty), nothing is dispatched before this
+    -- pool time, so every live replica can re-register what it still holds first (configure.lua).
+    c.hold = tonumber(r.hold) or 0
+    c.epoch, c.limit = tonumber(r.epoch), tonumber(r.limit)
+    c.maxReq, c.maxBytes = tonumber(r.maxReq), tonumber(r.maxBytes)
+    c.win, c.alpha, c.idle, c.maxTracked = tonumber(r.win), tonumber(r.alpha),
+      tonumber(r.idle), tonumber(r.maxTracked)
+    c.det = r.det
+    c.stale, c.qdt, c.head = tonumber(r.stale), tonumber(r.qdt), tonumber(r.head)
+    c.tokLimit = tonumber(r.tokLimit)
+    return c
+  end
+
+  local function remember_cfg()
+    local ver = POOL[CFG_DIGEST]
+    if not ver then return end
+    if not CONFIG_CACHE[K_POOL] then
+      if CONFIG_CACHED >= CONFIG_CACHE_MAX then CONFIG_CACHE, CONFIG_CACHED = {}, 0 end
+      CONFIG_CACHED = CONFIG_CACHED + 1
+    end
+    CONFIG_CACHE[K_POOL] = { ver = ver, cfg = CFG, bands = BANDS }
+  end
+
+  function load_cfg()
+    pool_load_all()
+    if not POOL.epoch then return false end
+    CFG, BANDS = read_settings(POOL), {}
+    remember_cfg()
+    return true
+  end
+
+  -- The counters every admission reads, with the caller's owner number; when the last call left
+  -- a queue or every slot taken, also what the queued path reads (others are read when a path
+  -- needs them: includes/counters.lua). The configuration comes from the cache when its digest
+  -- still matches.
+  function load_cfg_hot(caller, band)
+    local cached = CONFIG_CACHE[K_POOL]
+    if not cached then return load_cfg() end
+    local c = cached.cfg
+    local h = pool_hints()
+    local number_field = REPLICA_NUMBER .. caller
+    local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field }
+    local n = 5
+    local num = h.nums[caller]
+    if h.queued then
+      -- What a queued enqueue or a dispatch reads next: the queue's totals, the counters of the
+      -- caller's number, of the owner of the item queued last (whose items a dispatch here may
+      -- take) and of the band (the call's, or the one last touched).
+      fields[6], fields[7] = 'qbytes', QUEUED_BANDS
+      n = 7
+      local queuer = h.queuer
+      if queuer == num then queuer = nil end
+      if num then
+        fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
+          RECLAIM .. num
+        n = n + 3
+      end
+      if queuer then
+        fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. queuer, OWNER_ID .. queuer,
+          RECLAIM .. queuer
+        n = n + 3
+      end
+      band = band or h.band
+      if band then
+        fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
+        n = n + 2
+      end
+    end
+    if c.tokLimit then
+      fields[n + 1] = 'tok'
+      n = n + 1
+    end
+    if c.det == DETECTOR_UTILIZATION then
+      fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
+    end
+    pool_prefetch(fields, true)
+    if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
+    CFG, BANDS = c, cached.bands
+    local known = rawget(POOL, number_field)
+    if known and known ~= num then
+      if h.nums_kept >= CONFIG_CACHE_MAX then h.nums, h.nums_kept = {}, 0 end
+      h.nums[caller], h.nums_kept = known, h.nums_kept + 1
+    end
+    return true
+  end
+
+  -- Parsed once per configuration (BANDS is kept with it between calls): a band's record, or the
+  -- template it falls back to, which the configuration alone decides.
+  function band_cfg(band)
+    local b = BANDS[band]
+    if b then return b end
+    local raw = POOL[CFG_BAND .. band]
+    -- An unlisted negative band takes defaultNegativePriorityBand when one is configured.
+    if not raw and (tonumber(band) or 0) < 0 then raw = POOL[CFG_BAND_NEGATIVE] end
+    if not raw then raw = POOL[CFG_BAND_DEFAULT] end
+    b = parse_band(raw)
+    BANDS[band] = b
+    return b
+  end
+
+  -- The one clock: Redis TIME, unless a test passes an override (absolute ms). Read at most once
+  -- per call: every transition of a call sees the same time.
+  function clock(override)
+    if NOW then return NOW end
+    local abs
+    if override and override ~= '' then
+      abs = tonumber(override)
+    else
+      local t = rcall('TIME')
+      abs = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    NOW = abs - CFG.epoch
+    return NOW
+  end
 end

@@ -44,24 +44,37 @@ end
 
 -- The bands with queued items, from the pool's 'qb' list (kept by adjust_counts), so no scan
 -- of the pool's fields is needed. A pool written before the list existed has none: its bands
--- are found by a scan once, and the list is written from it.
-local function queued_bands()
-  local qb = POOL[QUEUED_BANDS]
-  if qb == nil and stats().qn > 0 then
-    pool_load_all()
-    local found = {}
-    for field, value in pairs(POOL) do
-      if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and value ~= '0' then
-        found[#found + 1] = string.sub(field, #BAND_QUEUED + 1)
-      end
+-- are found by a scan once, and the list is written from it. The caller must not change the
+-- table: the last list's bands are remembered (a dispatch reads the list once per pick, and it
+-- rarely changes).
+local queued_bands
+do
+  local last_qb, last_bands = nil, {}
+  local band_pattern = '[^' .. ID_LIST_SEP .. ']+'
+  local function bands_of(qb)
+    if qb == last_qb then return last_bands end
+    local bands = {}
+    if qb then
+      for band in string.gmatch(qb, band_pattern) do bands[#bands + 1] = band end
     end
-    qb = table.concat(found, ID_LIST_SEP)
-    pool_set(QUEUED_BANDS, qb)
+    last_qb, last_bands = qb, bands
+    return bands
   end
-  if not qb or qb == '' then return {} end
-  local bands = {}
-  for band in string.gmatch(qb, '[^' .. ID_LIST_SEP .. ']+') do bands[#bands + 1] = band end
-  return bands
+  function queued_bands()
+    local qb = POOL[QUEUED_BANDS]
+    if qb == nil and stats().qn > 0 then
+      pool_load_all()
+      local found = {}
+      for field, value in pairs(POOL) do
+        if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and value ~= '0' then
+          found[#found + 1] = string.sub(field, #BAND_QUEUED + 1)
+        end
+      end
+      qb = table.concat(found, ID_LIST_SEP)
+      pool_set(QUEUED_BANDS, qb)
+    end
+    return bands_of(qb)
+  end
 end
 
 local function top_band()

@@ -9,7 +9,7 @@
   passes `deferred`: a new best lane of that workload is then only recorded in its group, and
   ranked once, by the re-rank.
   Provides: lane_of(b, rec), rankset_of(b, band, flow), rank_lane(lane, b, old_head, now,
-  deferred, head, in_lane),
+  deferred, head, in_lane, parts),
   rerank_workload(wid, now), queue_item(id, raw, rec, now, deferred), unqueue_item(id, rec, now,
   is_head, deferred).
   Needs: contract, config, items, registry, ordering, counters.
@@ -70,11 +70,10 @@ local function better(a, b)
 end
 
 -- Writes the group's best into its ranking set with the workload's current part of the key.
--- Scores go to ZADD as Lua numbers: Redis formats them with 17 significant digits, which read
--- back as the same double, and no string is made for them here. (Fixed counts and indexes, by
--- contrast, are passed as text, '0': Redis would format a number with snprintf each call.)
+-- Keys are whole numbers (includes/ordering.lua) and go to ZADD as text, like every number here:
+-- Redis would format a Lua number with snprintf('%.17g') each call.
 local function rank_group(b, wid, suffix, best, m)
-  rcall('ZADD', K_RANK .. suffix, workload_key(m[1], m[2], b) + best.key, best.member)
+  rcall('ZADD', K_RANK .. suffix, int(workload_key(m[1], m[2], b) + best.key), best.member)
 end
 
 local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
@@ -83,7 +82,7 @@ local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
   local old = groups_of(parts.wid)[suffix]
   local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
   if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
-  if mine then rcall('ZADD', gk, mine.key, mine.member) end
+  if mine then rcall('ZADD', gk, int(mine.key), mine.member) end
   local best = old
   if old and old_head and old.member == old_head .. lane then
     -- The best lane lost its head: the next best is whatever the group now ranks first.
@@ -102,10 +101,11 @@ end
 
 -- Puts the lane's current head into its ranking (removing the old head's entry if it changed).
 -- A rank member is the head id followed by the lane id; ties go to the lower head id. `head` and
--- `in_lane` are the new head and its key in the lane when the caller knows them (else read).
--- Returns the head id, or false when the lane is empty.
-local function rank_lane(lane, b, old_head, now, deferred, head, in_lane)
-  local parts = parse_lane(lane)
+-- `in_lane` are the new head and its key in the lane when the caller knows them (else read);
+-- `parts` the lane's fields (band, flow, wid, crit: a record of one of its items will do), else
+-- parsed from the lane id. Returns the head id, or false when the lane is empty.
+local function rank_lane(lane, b, old_head, now, deferred, head, in_lane, parts)
+  parts = parts or parse_lane(lane)
   if head == nil then head, in_lane = lane_head(K_LANE .. lane, b) end
   if b.order == ORDER_WA and parts.wid ~= '' then
     rank_grouped(lane, parts, b, old_head, head, now, deferred)
@@ -118,11 +118,25 @@ local function rank_lane(lane, b, old_head, now, deferred, head, in_lane)
 end
 
 -- Re-ranks every group of a workload: its counters just changed. One ZADD per ranking set.
-local function rerank_workload(wid, now)
-  local m = { workload_metrics(wid, now) }
-  for suffix, best in pairs(groups_of(wid)) do
-    local band = string.match(suffix, '^[^' .. RANK_FLOW_SEP .. ']+')
-    rank_group(band_cfg(band), wid, suffix, best, m)
+-- A ranking suffix's band is remembered between calls (a pattern match each time costs more
+-- than the rest of the loop); bounded, cleared past SUFFIXES_KEPT_MAX suffixes.
+local rerank_workload
+do
+  local SUFFIX_BAND, SUFFIXES_KEPT, SUFFIXES_KEPT_MAX = {}, 0, 4096
+  local band_pattern = '^[^' .. RANK_FLOW_SEP .. ']+'
+  local function band_of(suffix)
+    local band = SUFFIX_BAND[suffix]
+    if band then return band end
+    band = string.match(suffix, band_pattern)
+    if SUFFIXES_KEPT >= SUFFIXES_KEPT_MAX then SUFFIX_BAND, SUFFIXES_KEPT = {}, 0 end
+    SUFFIX_BAND[suffix], SUFFIXES_KEPT = band, SUFFIXES_KEPT + 1
+    return band
+  end
+  function rerank_workload(wid, now)
+    local m = { workload_metrics(wid, now) }
+    for suffix, best in pairs(groups_of(wid)) do
+      rank_group(band_cfg(band_of(suffix)), wid, suffix, best, m)
+    end
   end
 end
 
@@ -148,7 +162,7 @@ local function queue_item(id, raw, rec, now, deferred)
     new_lane = not old_head
     if old_head and in_lane < tonumber(hs[2]) then
       -- An earlier deadline heads its lane; on a tie the lower id, the old head, stays in front.
-      rank_lane(lane, b, old_head, now, deferred, id, in_lane)
+      rank_lane(lane, b, old_head, now, deferred, id, in_lane, rec)
     end
   else
     in_lane = tonumber(id)
@@ -156,7 +170,7 @@ local function queue_item(id, raw, rec, now, deferred)
   end
   if new_lane then
     if b.fair == FAIR_RR then rcall('ZADD', K_FLOWS .. rec.band, '0', rec.flow) end
-    rank_lane(lane, b, false, now, deferred, id, in_lane)
+    rank_lane(lane, b, false, now, deferred, id, in_lane, rec)
   end
   adjust_counts(rec, 1)
 end
@@ -179,7 +193,7 @@ local function unqueue_item(id, rec, now, is_head, deferred)
   end
   item_del(id)
   if is_head then
-    local head = rank_lane(lane, b, id, now, deferred)
+    local head = rank_lane(lane, b, id, now, deferred, nil, nil, rec)
     if not head then
       if b.fair == FAIR_RR and rcall('EXISTS', rankset_of(b, rec.band, rec.flow)) == 0 then
         rcall('ZREM', K_FLOWS .. rec.band, rec.flow)

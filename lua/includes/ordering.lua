@@ -3,6 +3,8 @@
   by the head's sequence, edf by its deadline, workload-aware by minus the head's score plus its
   aging term, computed as a part of the workload plus a part of the head, so a workload's lanes
   are ranked among themselves by the head part alone (includes/lanes.lua).
+  Workload-aware keys are whole numbers (the parts in units of 1 / RANK_KEY_SCALE, see
+  sidecar/contract.py): Redis stores them in listpacks as integers.
   Python twins: sidecar/policies/ordering.py WorkloadAwareOrdering.workload_key, head_key and
   sort_key (same operations, same order, same doubles).
   Provides: workload_key(ema, rate, b), head_key(b, crit, head), lane_key(b, lane, head,
@@ -13,19 +15,27 @@
 -- @include items
 -- @include registry
 
-local function workload_key(ema, rate, b)
-  local wait_part = math.min(ema / b.maxWait, 1.0) * b.wW
-  local rate_part = math.min(rate / b.maxRate, 1.0) * b.rW
-  return rate_part - wait_part
-end
-
-local function head_key(b, crit, head)
-  local age_part = 0
-  -- With agingWeight 0 (the default) the age term is exactly 0: skip reading the head's record.
-  if b.aging ~= 0 then
-    age_part = b.aging * (parse_item(item_get(head)).enq / 1000.0) / b.maxWait
+local workload_key, head_key
+do
+  -- A part of a key in whole units, rounded half up (Python twin: ordering.py rank_units).
+  local function rank_units(x)
+    return math.floor(x * RANK_KEY_SCALE + 0.5)
   end
-  return age_part - (crit / 5.0) * b.cW
+
+  function workload_key(ema, rate, b)
+    local wait_part = math.min(ema / b.maxWait, 1.0) * b.wW
+    local rate_part = math.min(rate / b.maxRate, 1.0) * b.rW
+    return rank_units(rate_part - wait_part)
+  end
+
+  function head_key(b, crit, head)
+    local age_part = 0
+    -- With agingWeight 0 (the default) the age term is exactly 0: skip reading the head's record.
+    if b.aging ~= 0 then
+      age_part = b.aging * (parse_item(item_get(head)).enq / 1000.0) / b.maxWait
+    end
+    return rank_units(age_part - (crit / 5.0) * b.cW)
+  end
 end
 
 -- `lane` is the parsed lane id; `in_lane` the head's key inside its lane (seq, or the deadline

@@ -56,8 +56,11 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
 
   local id = item_id(stat_add('seq', 1))
   local raw = encode_item(num, band, flow, wid, crit, bytes, now, ttl, lease, tok, slo)
-  -- Its lane, if new, is ranked with the workload's others, by the re-rank that follows.
-  queue_item(id, raw, parse_item(raw), now, wid ~= '')
+  -- The record as parse_item(raw) would return it, without parsing it. Its lane, if new, is
+  -- ranked with the workload's others, by the re-rank that follows.
+  local rec = { owner = num, band = band, flow = flow, wid = wid, crit = crit, bytes = bytes,
+    enq = now, ttl = ttl, lease = lease, tok = tok, slo = slo }
+  queue_item(id, raw, rec, now, wid ~= '')
   add_active(wid, 1)
   if wid ~= '' then rerank_workload(wid, now) end
   dispatch_ready(caller, now, out)

@@ -15,6 +15,13 @@ from sidecar import contract
 from sidecar.policies.base import OrderingPolicy, QueuedItem, WorkloadView, register_ordering
 
 
+def rank_units(x: float) -> float:
+    """A part of a workload-aware key in whole units of 1 / contract.RANK_KEY_SCALE, rounded half
+    up (the Lua twin: lua/includes/ordering.lua rank_units; whole numbers below 2**53 are exact
+    doubles, so sums of them are too)."""
+    return float(math.floor(x * contract.RANK_KEY_SCALE + 0.5))
+
+
 @register_ordering
 class FcfsOrdering(OrderingPolicy, msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """First come, first served."""
@@ -102,7 +109,8 @@ class WorkloadAwareOrdering(
         return wait_part + crit_part - rate_part
 
     def sort_key(self, item: QueuedItem, metrics: WorkloadView) -> float:
-        """Minus the score plus the aging term: lower keys go first, like every other policy.
+        """Minus the score plus the aging term, in units of 1 / contract.RANK_KEY_SCALE (a whole
+        number): lower keys go first, like every other policy.
 
         It is the sum of a part of the workload and a part of the lane's head, in this order,
         so the scripts can rank a workload's lanes among themselves by the head part alone and
@@ -116,13 +124,13 @@ class WorkloadAwareOrdering(
         rate_part = (
             min(metrics.request_rate / self.max_request_rate, 1.0) * self.request_rate_weight
         )
-        return rate_part - wait_part
+        return rank_units(rate_part - wait_part)
 
     def head_key(self, item: QueuedItem) -> float:
         # ``enqueued_ms`` is relative to the pool's epoch, which keeps the aging product small
         # and exact enough.
         age_part = self.aging_weight * (item.enqueued_ms / 1000.0) / self.max_wait_time_seconds
-        return age_part - (item.criticality / 5.0) * self.criticality_weight
+        return rank_units(age_part - (item.criticality / 5.0) * self.criticality_weight)
 
     def lua_parameters(self) -> list[float]:
         return [

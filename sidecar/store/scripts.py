@@ -84,7 +84,7 @@ def _read_include(name: str) -> str | None:
     return path.read_text() if path.is_file() else None
 
 
-_INIT = re.compile(r"^local function (init_\w+)\(\)", re.M)
+_INIT = re.compile(r"^\s*(?:local )?function (init_\w+)\(\)", re.M)
 
 
 def _split_script(name: str) -> tuple[str, str]:
@@ -336,7 +336,7 @@ def contract_lua() -> str:
     settings = ", ".join(f"{f} = true" for f in contract.CFG_FIELDS)
     optional = ", ".join(map(_lua_string, contract.CFG_OPTIONAL))
     lines.append(f"local CFG_FIELD = {{ {settings} }}\nlocal CFG_OPTIONAL = {{ {optional} }}\n")
-    for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS", "NO_SLO_KEY"):
+    for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS", "NO_SLO_KEY", "RANK_KEY_SCALE"):
         lines.append(f"local {name} = {getattr(contract, name)}\n")
     lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
@@ -350,9 +350,9 @@ def contract_lua() -> str:
     return "".join(lines)
 
 
-# A workload's best lane ('key|rank member'): the member holds SEP itself, so only the first SEP
-# splits (Python twin: contract.split_best).
-_BEST = """local function encode_best(key, member) return fmt(key) .. SEP .. member end
+# A workload's best lane ('key|rank member', the key a whole number: contract.RANK_KEY_SCALE):
+# the member holds SEP itself, so only the first SEP splits (Python twin: contract.split_best).
+_BEST = """local function encode_best(key, member) return int(key) .. SEP .. member end
 local function parse_best(raw)
   local j = string.find(raw, SEP, 1, true)
   return { key = tonumber(string.sub(raw, 1, j - 1)), member = string.sub(raw, j + 1) }

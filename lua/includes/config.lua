@@ -11,7 +11,7 @@
   failover) can make the cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
-  pool_prefetch(fields, fresh), pool_set(field, value), pool_set_int(field, number), pool_int(field) ->
+  pool_prefetch(fields, fresh), pool_set(field, value), pool_set_int(field, number), pool_add(field, delta, floor) -> new, old, pool_int(field) ->
   number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
   filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
@@ -26,7 +26,7 @@
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
 local init_config, pool_load_all, pool_prefetch, pool_set, pool_set_int, pool_int, pool_del,
-  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock
+  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add
 do
   -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
   -- the fields as read (false: read, and absent), so one that changed and changed back (a release
@@ -82,7 +82,8 @@ do
       want, n = {}, 0
       for i = 1, #fields do
         local field = fields[i]
-        if untouched(field) then
+        -- untouched(field), inline: this runs for every field of every prefetch.
+        if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
           n = n + 1
           want[n] = field
         end
@@ -118,6 +119,21 @@ do
     local n = PINT[field]
     if n then return n end
     return tonum(POOL[field]) or 0
+  end
+
+  -- Adds `delta` to an integer field (absent: 0), held at 0 or more when `floor`; returns the
+  -- new value and the old. pool_int and pool_set_int in one call (a Lua call costs more than
+  -- the work here).
+  function pool_add(field, delta, floor)
+    local was = PINT[field]
+    if not was then was = tonum(POOL[field]) or 0 end
+    local n = was + delta
+    if floor and n < 0 then n = 0 end
+    POOL[field] = nil
+    PINT[field] = n
+    POOL_DIRTY[field] = true
+    POOL_GONE[field] = nil
+    return n, was
   end
 
   function pool_del(field)

@@ -32,9 +32,8 @@ local function stats()
 end
 
 local function stat_add(field, delta)
-  local v = ST[field] + delta
+  local v = pool_add(field, delta, false)
   ST[field] = v
-  pool_set_int(field, v)
   return v
 end
 
@@ -105,19 +104,11 @@ local function adjust_counts(rec, sign)
   local band, h = rec.band, pool_hints()
   h.band = band
   if sign > 0 then h.queuer = rec.owner end
-  stat_add('qn', sign)
-  stat_add('qbytes', sign * rec.bytes)
-  local nk, bk, ok = BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. rec.owner
-  -- Counts never go below zero (data lost), written without math.max (a call each).
-  local was = pool_int(nk)
-  local n = was + sign
-  if n < 0 then n = 0 end
+  ST.qn = pool_add('qn', sign, false)
+  ST.qbytes = pool_add('qbytes', sign * rec.bytes, false)
+  -- Counts never go below zero (data lost).
+  local n, was = pool_add(BAND_QUEUED .. band, sign, true)
   if (was == 0) ~= (n == 0) then mark_band(band, sign) end
-  pool_set_int(nk, n)
-  local b = pool_int(bk) + sign * rec.bytes
-  if b < 0 then b = 0 end
-  pool_set_int(bk, b)
-  local o = pool_int(ok) + sign
-  if o < 0 then o = 0 end
-  pool_set_int(ok, o)
+  pool_add(BAND_BYTES .. band, sign * rec.bytes, true)
+  pool_add(OWNER_QUEUED .. rec.owner, sign, true)
 end

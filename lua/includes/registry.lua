@@ -125,17 +125,25 @@ local function rate_from(bi, c, p, now)
   return est / (W / 1000)
 end
 
+-- (wset inline here and below: these run for every admission, and a Lua call costs more than
+-- the assignments.)
 local function count_request(wid, now)
   local w = wstate(wid)
+  local dirty = w.dirty
   local idx = math.floor(now / CFG.win)
   if w.bi == idx then
-    wset(w, 'c', (w.c or 0) + 1)
+    w.c = (w.c or 0) + 1
   else
-    if w.bi == idx - 1 then wset(w, 'p', w.c or 0) else wset(w, 'p', 0) end
-    wset(w, 'bi', idx)
-    wset(w, 'c', 1)
+    if w.bi == idx - 1 then w.p = w.c or 0 else w.p = 0 end
+    w.bi, w.c = idx, 1
+    dirty.p, dirty.bi = true, true
   end
-  if wid ~= '' then wset(w, 't', now) end
+  dirty.c = true
+  if wid ~= '' then
+    w.t = now
+    dirty.t = true
+  end
+  w.exists = true
 end
 
 -- Tracked workloads: a known id, or a new one while under the cap. Others score as anonymous.
@@ -161,13 +169,15 @@ local function record_wait(wid, wait_s)
     ema = CFG.alpha * wait_s + (1 - CFG.alpha) * w.ema
   end
   -- Stored as text with 17 digits (fmt), which reads back as the same double.
-  wset(w, 'ema', ema)
-  wset(w, 'n', n + 1)
+  w.ema, w.n, w.exists = ema, n + 1, true
+  local dirty = w.dirty
+  dirty.ema, dirty.n = true, true
 end
 
 local function add_active(wid, delta)
   local w = wstate(wid)
-  wset(w, 'active', (w.active or 0) + delta)
+  w.active, w.exists = (w.active or 0) + delta, true
+  w.dirty.active = true
 end
 
 -- One of the workload's requests left (released, dropped). An expired or never-tracked workload

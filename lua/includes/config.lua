@@ -11,8 +11,8 @@
   failover) can make the cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
-  pool_prefetch(fields, fresh), pool_set(field, value), pool_set_int(field, number), pool_add(field, delta, floor) -> new, old, pool_int(field) ->
-  number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
+  pool_prefetch(fields, fresh), pool_set(field, value), pool_add(field, delta, floor) -> new,
+  old, pool_int(field) -> number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
   filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
   now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
@@ -25,13 +25,13 @@
 -- POOL and CFG, and the functions this include provides, are shared; the rest is private to
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
-local init_config, pool_load_all, pool_prefetch, pool_set, pool_set_int, pool_int, pool_del,
+local init_config, pool_load_all, pool_prefetch, pool_set, pool_int, pool_del,
   pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add
 do
   -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
   -- the fields as read (false: read, and absent), so one that changed and changed back (a release
   -- that dispatches) is not written. POOL_ALL: every field read.
-  -- PINT: integer fields set as numbers (pool_set_int), formatted once, when written.
+  -- PINT: integer fields set as numbers (pool_add), formatted once, when written.
   local POOL_READ, POOL_DIRTY, POOL_GONE, PINT, POOL_ALL, BANDS, NOW
   local function fetch_field(t, field)
     local n = PINT[field]
@@ -105,15 +105,6 @@ do
     POOL_GONE[field] = nil
   end
 
-  -- An integer field, kept as a number until the flush (a batch changes counters many times).
-  function pool_set_int(field, n)
-    -- Read through POOL's __index from now on, which formats it.
-    POOL[field] = nil
-    PINT[field] = n
-    POOL_DIRTY[field] = true
-    POOL_GONE[field] = nil
-  end
-
   -- An integer field's value (0 when absent).
   function pool_int(field)
     local n = PINT[field]
@@ -122,8 +113,8 @@ do
   end
 
   -- Adds `delta` to an integer field (absent: 0), held at 0 or more when `floor`; returns the
-  -- new value and the old. pool_int and pool_set_int in one call (a Lua call costs more than
-  -- the work here).
+  -- new value and the old. The field is kept as a number until the flush (a batch changes
+  -- counters many times), and read through POOL's __index from now on, which formats it.
   function pool_add(field, delta, floor)
     local was = PINT[field]
     if not was then was = tonum(POOL[field]) or 0 end

@@ -104,8 +104,8 @@ local function adjust_counts(rec, sign)
   local band, h = rec.band, pool_hints()
   h.band = band
   if sign > 0 then h.queuer = rec.owner end
-  ST.qn = pool_add('qn', sign, false)
-  ST.qbytes = pool_add('qbytes', sign * rec.bytes, false)
+  stat_add('qn', sign)
+  stat_add('qbytes', sign * rec.bytes)
   -- Counts never go below zero (data lost).
   local n, was = pool_add(BAND_QUEUED .. band, sign, true)
   if (was == 0) ~= (n == 0) then mark_band(band, sign) end

@@ -73,7 +73,7 @@ local function has_capacity(now, tok)
 end
 
 local function took_capacity()
-  if CFG.det == DETECTOR_UTILIZATION then pool_set_int('since', pool_int('since') + 1) end
+  if CFG.det == DETECTOR_UTILIZATION then pool_add('since', 1, false) end
 end
 
 -- Removes a queued item for good (cancelled, expired, reclaimed). Returns its record or false.

@@ -41,7 +41,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench.report import Row, markdown_table
 from sidecar.config import Config, load_config
-from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE, POOL, batch_op
+from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE, POOL, SEP, batch_op
 from sidecar.controller import Admission, FlowController
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
@@ -655,6 +655,8 @@ class LoadDriver:
             replies = await self.client.fcall(
                 function_name("batch"), 1, self.prefix, "", replica, *ops
             )
+            # An operation's reply with no outcomes is one string (contract.OP_REPLY).
+            replies = [r.split(SEP.encode()) if isinstance(r, bytes) else r for r in replies]
             self._check(replies[: len(self.held)], replies[len(self.held) :])
             return
         pipe = self.client.pipeline(transaction=False)

@@ -11,7 +11,9 @@
                                                                            (as enqueue.lua)
               'r|item id'                                                  (as release.lua)
   Output:
-    { reply, reply, ... } one per operation, each as its script returns it; or { -1 } no config.
+    { reply, reply, ... } one per operation: as its script returns it when it carries outcomes
+    of other items, else that reply's three fields as one string (contract OP_REPLY: Redis
+    converts a list reply element by element); or { -1 } no config.
 ]]
 -- @include transitions
 local caller = ARGV[2]
@@ -21,21 +23,32 @@ local first = ARGV[3] or ''
 local first_band = nil
 if string.sub(first, 1, 1) == OP_ENQUEUE then first_band = select(2, fields_op_enqueue(first)) end
 if not load_cfg_hot(caller, first_band) then return { S_NO_CONFIG } end
-local replies = {}
+local replies, out = {}, {}
 for i = 3, #ARGV do
   local arg = ARGV[i]
   local op = string.sub(arg, 1, 1)
+  local status, a, b
   if op == OP_ENQUEUE then
     local _, band, flow, wid, crit, bytes, ttl, lease, tok, slo = fields_op_enqueue(arg)
-    -- Small numbers are looked up rather than read by tonumber (its strtod is dear).
-    replies[i - 2] = op_enqueue(clock(ARGV[1]), caller, band, flow, wid, tonum(crit), tonum(bytes),
-      tonumber(ttl), tonum(lease), tonum(tok), tonum(slo))
+    -- Small numbers are looked up rather than read by tonumber (its strtod is dear), inline as
+    -- the generated record code does (a call costs more than the lookup).
+    status, a, b = op_enqueue(clock(ARGV[1]), caller, band, flow, wid,
+      SMALL_NUMBER[crit] or tonum(crit), SMALL_NUMBER[bytes] or tonum(bytes),
+      SMALL_NUMBER[ttl] or tonum(ttl), SMALL_NUMBER[lease] or tonum(lease),
+      SMALL_NUMBER[tok] or tonum(tok), SMALL_NUMBER[slo] or tonum(slo), out)
   elseif op == OP_RELEASE then
-    replies[i - 2] = op_release(ARGV[1], caller, string.sub(arg, #OP_RELEASE + #SEP + 1))
+    status, a, b = op_release(ARGV[1], caller, string.sub(arg, #OP_RELEASE + #SEP + 1), out)
   else
     -- What ran before stays done, as it would have without the bad operation.
     flush_state()
     return redis.error_reply('batch: unknown operation ' .. tostring(arg))
+  end
+  -- A reply with no outcome of another item goes as one string.
+  if #out == 0 then
+    replies[i - 2] = encode_op_reply(status, a, b)
+  else
+    replies[i - 2] = reply(status, a, b, out)
+    out = {}
   end
 end
 flush_state()

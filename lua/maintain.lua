@@ -30,7 +30,7 @@ local look_budget = math.max(budget * 16, 4096)
 -- them on time; this covers the rest). With nothing queued, no bucket holds a live id.
 local cur = math.floor(now / 1000)
 local sec = tonumber(POOL.dl0) or 0
-if stats().qn == 0 then sec = math.max(sec, cur) end
+if ST.qn == 0 then sec = math.max(sec, cur) end
 local looked = 0
 while sec < cur and evicted < budget and looked < look_budget do
   local want = math.min(budget - evicted, look_budget - looked)
@@ -60,7 +60,7 @@ end
 -- Replicas that stopped heartbeating: their clients were connected to them, so queued items go
 -- and held slots come back. A replica is taken off at once (it gets a new number if it comes
 -- back); what its number owns is reclaimed within the budget, the rest on the next ticks.
-local top_bucket = item_bucket(stats().seq)
+local top_bucket = item_bucket(ST.seq)
 local lowest = tonumber(POOL.ilo) or top_bucket
 for _, replica in ipairs(rcall('ZRANGEBYSCORE', K_REPLICAS, '-inf', int(now), 'LIMIT', 0, 10)) do
   rcall('ZREM', K_REPLICAS, replica)

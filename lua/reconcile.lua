@@ -50,7 +50,7 @@ end
 -- Queued items of the replica that it is not waiting for, found by scanning the item buckets
 -- (bounded: a few thousand buckets; this runs only after writes were lost).
 if owner_queued(num) > 0 then
-  local top = item_bucket(stats().seq)
+  local top = item_bucket(ST.seq)
   local bucket, scanned = tonumber(POOL.ilo) or top, 0
   while bucket <= top and scanned < 4096 do
     local items = rcall('HGETALL', K_ITEMS .. int(bucket))

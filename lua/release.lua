@@ -11,6 +11,6 @@
 ]]
 -- @include transitions
 if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG } end
-local r = op_release(ARGV[1], ARGV[2], ARGV[3])
+local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}))
 flush_state()
 return r

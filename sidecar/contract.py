@@ -330,10 +330,17 @@ BATCH_ENQUEUE = _record(
     "op_enqueue", "op:s band:s flow:s wid:s crit:i bytes:i ttl:i lease:i tok:i slo:i"
 )
 BATCH_RELEASE = _record("op_release", "op:s id:s")
-RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED)
+# A coalesced operation's reply that carries no outcome of another item (the common one): its
+# status and two fields, one string, where a reply with outcomes is a list as the script's own.
+# Redis converts a list reply element by element, which costs more than one string.
+OP_REPLY = _record("op_reply", "status:i a:s b:s")
+RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED, OP_REPLY)
 # Read by Lua field by field (fields_<name>), written only by Python. A release is its tag and
 # the item id: batch.lua takes the id as what follows the tag and SEP.
 OPERATIONS = (BATCH_ENQUEUE,)
+# Read by Lua field by field too, where no table of the fields is wanted (a held slot's record,
+# read by every release).
+FIELD_READS = (*OPERATIONS, HELD_RECORD)
 
 
 def batch_op(kind: str, args: Sequence[object]) -> str:

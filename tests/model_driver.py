@@ -52,7 +52,10 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _script_reply(raw: list[Any]) -> ScriptReply:
+def _script_reply(raw: list[Any] | bytes) -> ScriptReply:
+    if isinstance(raw, bytes):  # a batch operation's reply with no outcomes: contract.OP_REPLY
+        fields = contract.OP_REPLY.parse(raw.decode())
+        return ScriptReply(ScriptStatus(int(fields["status"])), fields["a"], fields["b"], [])
     deliveries = [Delivery.parse(r) for r in raw[3:]]
     return ScriptReply(ScriptStatus(int(raw[0])), _text(raw[1]), _text(raw[2]), deliveries)
 

@@ -16,6 +16,7 @@ from sidecar.contract import KEYS, ScriptStatus, escape_id, unescape_id
 from sidecar.policies.base import FairnessPolicy, OrderingPolicy
 from sidecar.policies.ordering import WorkloadAwareOrdering
 from sidecar.store import PoolStore
+from sidecar.store.pool import _parse_reply
 from sidecar.store.scripts import contract_lua, expand_includes
 from tests.conftest import make_config
 from tests.pool_keys import inflight_records
@@ -128,8 +129,38 @@ async def test_lua_writes_records_python_reads() -> None:
         {"band": "1", "flow": "f"},
         {"band": "1", "flow": "f", "wid": "w", "crit": "3"},
     ]
-    assert (await _lua("return item_id(42)")).decode() == contract.item_id(42)
+    # Lua formats an id's head once per thousand ids and remembers its tail: across heads,
+    # back again, and at the widths' edges it still writes what Python does.
+    seqs = [
+        42,
+        999,
+        1000,
+        1001,
+        999_999,
+        1_000_000,
+        42,
+        10**15 + 7,
+        2**53 - 1,
+    ]  # the last: the largest exact double
+    got = await _lua("return { " + ", ".join(f"item_id({n})" for n in seqs) + " }")
+    assert [x.decode() for x in got] == [contract.item_id(n) for n in seqs]
+    # The last large number is remembered each way: repeats and alternations read the same.
+    texts = ["1234567", "1234567", "7654321", "1234567", "5", "1234567"]
+    got = await _lua("return { " + ", ".join(f"int({t})" for t in texts) + " }")
+    assert [x.decode() for x in got] == texts
+    got = await _lua("return { " + ", ".join(f"tonum('{t}')" for t in texts) + " }")
+    assert got == [int(t) for t in texts]
     assert await _lua("return ID_WIDTH") == contract.ID_WIDTH == len(contract.item_id(1))
+    # A coalesced operation's reply with no outcomes: one string, read as the script's list.
+    one = await _lua("return encode_op_reply(S_DISPATCHED, '0000000000000001', '0')")
+    assert contract.OP_REPLY.parse(one.decode()) == {
+        "status": str(ScriptStatus.DISPATCHED),
+        "a": "0000000000000001",
+        "b": "0",
+    }
+    assert _parse_reply(one) == _parse_reply(
+        [int(ScriptStatus.DISPATCHED), b"0000000000000001", b"0"]
+    )
     delivery = await _lua("return encode_delivery('0000000000000001', S_EVICTED_TTL, 12)")
     assert contract.DELIVERY.parse(delivery.decode())["status"] == str(ScriptStatus.EVICTED_TTL)
 

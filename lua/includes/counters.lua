@@ -1,11 +1,12 @@
 --[[
   The queue counters that caps, dispatch and the state view read, all fields of the pool hash
   (includes/config.lua): queued count and bytes of the pool, in-flight count and the item
-  sequence (stats), queued count and bytes of each band (n:<priority>, b:<priority>; '0' once the
+  sequence (ST), queued count and bytes of each band (n:<priority>, b:<priority>; '0' once the
   band emptied), queued count of each owner replica (q:<owner number>), and the list of bands
   whose count is above zero ('qb'), from which strict priority picks the highest.
-  Provides: init_counters() (run by begin_call), stats() -> { qn, qbytes, inflight, seq, tok }, stat_add(field, delta) -> new value,
-  band_counts(band) -> n, bytes, queued_bands() -> the bands with queued items (pool field
+  Provides: init_counters() (run by begin_call), ST = { qn, qbytes, inflight, seq, tok } (a
+  table, not a function: a Lua call costs more than the lookup), stat_add(field, delta) -> new
+  value, band_counts(band) -> n, bytes, queued_bands() -> the bands with queued items (pool field
   'qb'), top_band() -> the highest of them or nil,
   adjust_counts(rec, sign) for a parsed item record entering (+1) or leaving (-1),
   owner_queued(num) -> its queued count.
@@ -25,10 +26,6 @@ local ST_META = {
 }
 local function init_counters()
   ST = setmetatable({}, ST_META)
-end
-
-local function stats()
-  return ST
 end
 
 local function stat_add(field, delta)
@@ -61,7 +58,7 @@ do
   end
   function queued_bands()
     local qb = POOL[QUEUED_BANDS]
-    if qb == nil and stats().qn > 0 then
+    if qb == nil and ST.qn > 0 then
       pool_load_all()
       local found = {}
       for field, value in pairs(POOL) do

@@ -34,12 +34,6 @@ local function notify(owner, id, status, wait, caller, out)
   end
 end
 
--- A slot (and its tokens) entering (+1) or leaving (-1) the pool's in-flight count.
-local function count_slot(sign, tok)
-  stat_add('inflight', sign)
-  if tok > 0 then stat_add('tok', sign * tok) end
-end
-
 -- Puts `id` in flight. Lease 0: the replica (owner number `num`, id `owner`) holds the slot.
 -- Otherwise a ticket does (a gateway, not the replica): only its lease or a release ends it, so a
 -- replica that stops or dies does not take back tickets that are still in use.
@@ -50,7 +44,9 @@ local function grant_slot(num, owner, id, wid, now, lease, tok)
   else
     rcall('HSET', K_HELD .. num, id, encode_held(wid, now, tok))
   end
-  count_slot(1, tok)
+  -- Into the pool's in-flight count, and its tokens.
+  stat_add('inflight', 1)
+  if tok > 0 then stat_add('tok', tok) end
 end
 
 -- The saturation detector, for a request of `tok` estimated tokens. The concurrency detector:
@@ -62,7 +58,7 @@ end
 -- samples cannot stampede: on average they fill each endpoint's waiting queue at most to
 -- (1 + headroom) x queueDepthThreshold before the next sample is seen.
 local function has_capacity(now, tok)
-  local st = stats()
+  local st = ST
   if st.inflight >= CFG.limit then return false end
   if CFG.tokLimit and st.tok > 0 and st.tok + tok > CFG.tokLimit then return false end
   if CFG.det ~= DETECTOR_UTILIZATION then return true end
@@ -143,7 +139,7 @@ end
 -- the same atomic call as the dispatch, so replicas can never dispatch past it.
 local function dispatch_ready(caller, now, out)
   if now < CFG.hold then return end
-  local st = stats()
+  local st = ST
   -- With nothing queued there is no band to pick from: no need to look.
   while st.qn > 0 and has_capacity(now, 0) do
     local id, lane = pick_next()
@@ -155,21 +151,31 @@ local function dispatch_ready(caller, now, out)
 end
 
 -- Takes slot `id` out of the hash `key` (a replica's held slots, or the leased ones: `leased`)
--- and out of the counts. Returns its record, or nil when the hash holds no such slot.
+-- and out of the counts. Returns true, or false when the hash holds no such slot.
 local function take_slot(key, id, leased)
   local raw = rcall('HGET', key, id)
-  if not raw then return nil end
+  if not raw then return false end
   rcall('HDEL', key, id)
-  local f
-  if leased then f = parse_leased(raw) else f = parse_held(raw) end
-  count_slot(-1, f.tok)
-  workload_done(f.wid)
-  return f
+  local wid, tok
+  if leased then
+    local f = parse_leased(raw)
+    wid, tok = f.wid, f.tok
+  else
+    -- A held record's fields, without a table (this runs for every admission).
+    local _
+    wid, _, tok = fields_held(raw)
+    tok = SMALL_NUMBER[tok] or tonum(tok)
+  end
+  -- Out of the pool's in-flight count, and its tokens.
+  stat_add('inflight', -1)
+  if tok > 0 then stat_add('tok', -tok) end
+  workload_done(wid)
+  return true
 end
 
 -- Frees a slot a replica holds. Returns false when it holds no such slot.
 local function release_held(num, id)
-  return take_slot(K_HELD .. num, id, false) ~= nil
+  return take_slot(K_HELD .. num, id, false)
 end
 
 local function release_leased(id)
@@ -181,8 +187,9 @@ end
 -- Frees an in-flight slot: the caller's own, or a ticket's (any replica may release a ticket).
 -- Idempotent: returns false when the item is not in flight.
 local function release_item(caller, id)
-  local num = owner_known(caller)
-  if num and release_held(num, id) then return true end
+  -- owner_known(caller) and release_held, inline: this runs for every admission.
+  local num = POOL[REPLICA_NUMBER .. caller]
+  if num and take_slot(K_HELD .. num, id, false) then return true end
   return release_leased(id)
 end
 

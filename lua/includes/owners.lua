@@ -24,8 +24,9 @@ local function renumber(replica)
   return num
 end
 
+-- (owner_known's lookup inline: this runs for every admission.)
 local function owner_num(replica)
-  return owner_known(replica) or renumber(replica)
+  return POOL[REPLICA_NUMBER .. replica] or renumber(replica)
 end
 
 local function owner_id(num)

@@ -125,10 +125,10 @@ local function rate_from(bi, c, p, now)
   return est / (W / 1000)
 end
 
--- (wset inline here and below: these run for every admission, and a Lua call costs more than
--- the assignments.)
+-- (wset inline here and below, and the call's state looked up before wstate is called: these
+-- run for every admission, and a Lua call costs more than the assignments.)
 local function count_request(wid, now)
-  local w = wstate(wid)
+  local w = WS[wid] or wstate(wid)
   local dirty = w.dirty
   local idx = math.floor(now / CFG.win)
   if w.bi == idx then
@@ -160,7 +160,7 @@ local function track(wid, now, counters_only)
 end
 
 local function record_wait(wid, wait_s)
-  local w = wstate(wid)
+  local w = WS[wid] or wstate(wid)
   local n = w.n or 0
   local ema
   if n == 0 then
@@ -175,7 +175,7 @@ local function record_wait(wid, wait_s)
 end
 
 local function add_active(wid, delta)
-  local w = wstate(wid)
+  local w = WS[wid] or wstate(wid)
   w.active, w.exists = (w.active or 0) + delta, true
   w.dirty.active = true
 end

@@ -1,11 +1,14 @@
 --[[
   The admission transitions as functions, so enqueue.lua and release.lua run one each and batch.lua
   runs several in one call (coalesced calls of concurrent requests) without a second copy.
-  Each returns the reply table its script returns.
+  Each returns its reply's parts: status, two fields, and the outcomes of other items of the
+  caller (a list): reply(...) makes them the script's reply table; batch.lua sends a reply with
+  no outcomes as one string instead.
   They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
   runs them calls flush_state() before it returns.
-  Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo),
-  op_release(override, caller, id).
+  Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo, out),
+  op_release(override, caller, id, out), where `out` is an empty list the outcomes go into (the
+  caller's, so a coalesced call makes a new one only after one was used).
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
 -- @include contract
@@ -18,15 +21,14 @@
 -- Counts the request toward its workload's rate first, even if it is then rejected, so rejection
 -- cannot be gamed. With nothing queued and a free slot it is dispatched at once; otherwise it is
 -- checked against the queue caps, queued, and every dispatchable item is dispatched.
-local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo)
-  local out = {}
-  local st = stats()
+local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo, out)
+  local st = ST
   -- Nothing is queued: no workload has a lane to re-rank, so its groups need not be read.
   local idle = st.qn == 0
   local fast = idle and now >= CFG.hold and has_capacity(now, tok)
   local wid = track(raw_wid, now, idle)
   -- Anonymous (or past the cap): track did not read its state.
-  wstate(wid, idle)
+  if not WS[wid] then wstate(wid, idle) end
   count_request(wid, now)
   local num = owner_num(caller)
 
@@ -38,7 +40,7 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     add_active(wid, 1)
     grant_slot(num, caller, id, wid, now, lease, tok)
     record_wait(wid, 0)
-    return reply(S_DISPATCHED, id, '0', out)
+    return S_DISPATCHED, id, '0', out
   end
 
   -- What the caps and the queue need, in one read.
@@ -51,7 +53,7 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     or (b.maxBytes > 0 and band_bytes + bytes > b.maxBytes) then
     -- The request still counted toward its workload's rate: its queued lanes move.
     if wid ~= '' then rerank_workload(wid, now) end
-    return reply(S_REJECTED_CAPACITY, '', '', out)
+    return S_REJECTED_CAPACITY, '', '', out
   end
 
   local id = item_id(stat_add('seq', 1))
@@ -69,17 +71,16 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
     local d = parse_delivery(msg)
     if d.id == id then
       table.remove(out, i)
-      return reply(S_DISPATCHED, id, int(d.wait), out)
+      return S_DISPATCHED, id, int(d.wait), out
     end
   end
-  return reply(S_QUEUED, id, '', out)
+  return S_QUEUED, id, '', out
 end
 
 -- Frees an in-flight slot and dispatches whatever that frees. Idempotent. The clock is read only
 -- when something waits (`override` is the caller's time override).
-local function op_release(override, caller, id)
-  local out = {}
-  if not release_item(caller, id) then return reply(S_NOT_FOUND, id, '', out) end
-  if stats().qn > 0 then dispatch_ready(caller, clock(override), out) end
-  return reply(S_DISPATCHED, id, '', out)
+local function op_release(override, caller, id, out)
+  if not release_item(caller, id) then return S_NOT_FOUND, id, '', out end
+  if ST.qn > 0 then dispatch_ready(caller, clock(override), out) end
+  return S_DISPATCHED, id, '', out
 end

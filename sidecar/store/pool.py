@@ -64,11 +64,17 @@ def _text(value: Any) -> str:
 _STATUS_BY_CODE = {int(status): status for status in ScriptStatus}
 
 
-def _parse_reply(raw: Sequence[Any]) -> ScriptReply:
-    code = raw[0]
+def _status(code: Any) -> ScriptStatus:
     status = _STATUS_BY_CODE.get(code) if type(code) is int else None
-    if status is None:
-        status = ScriptStatus(int(code))
+    return ScriptStatus(int(code)) if status is None else status
+
+
+def _parse_reply(raw: list[Any] | bytes) -> ScriptReply:
+    """A script's reply, or a coalesced operation's given as one string (contract OP_REPLY)."""
+    if isinstance(raw, bytes):
+        code, item_id, detail = raw.decode().split(contract.SEP, 2)
+        return ScriptReply(_status(int(code)), item_id, detail, [])
+    status = _status(raw[0])
     if len(raw) < 3:
         return ScriptReply(status, "", "", [])
     return ScriptReply(status, _text(raw[1]), _text(raw[2]), [Delivery.parse(r) for r in raw[3:]])
@@ -271,7 +277,7 @@ class PoolStore:
             raise StoreError(f"{name}: the pool has no configuration")
         return raw
 
-    def _reply(self, raw: Sequence[Any]) -> ScriptReply:
+    def _reply(self, raw: list[Any] | bytes) -> ScriptReply:
         reply = _parse_reply(raw)
         if reply.deliveries:
             self.sink(reply.deliveries)
@@ -460,4 +466,6 @@ class PoolStore:
 
 
 def _no_config(raw: Sequence[Any]) -> bool:
-    return bool(raw) and not isinstance(raw[0], list) and int(raw[0]) == ScriptStatus.NO_CONFIG
+    """The script's reply is { S_NO_CONFIG }. A batch's first element is an operation's reply
+    (a list, or one string: contract.OP_REPLY); a status is always an integer."""
+    return bool(raw) and type(raw[0]) is int and raw[0] == ScriptStatus.NO_CONFIG

@@ -161,16 +161,18 @@ _HEADER = """--[[
 local rcall
 """
 
-_HELPERS = """local function item_id(seq) return string.format('%%0%dd', seq) end
-local function fmt(x) return string.format('%%.17g', x) end
+_HELPERS = """local function fmt(x) return string.format('%%.17g', x) end
 -- Small integers and their text, both ways, remembered as they are met (the library cannot
 -- build tables at load: Redis runs its top level without the string library): formatting a
 -- number (sprintf) or reading one (strtod) costs more than the rest of encoding or parsing a
--- record, and most numbers in records and counters are small. (A do block keeps the helpers'
--- private table off the chunk's 200 locals.)
-local SMALL_NUMBER, SMALL_TEXT, int, tonum = {}, {}, nil, nil
+-- record, and most numbers in records and counters are small. The last large one is remembered
+-- too, each way: a call's time goes into every record it writes, and a coalesced call's
+-- records share their TTLs and their times. (A do block keeps the helpers' private state off
+-- the chunk's 200 locals.)
+local SMALL_NUMBER, SMALL_TEXT, int, tonum, item_id = {}, {}, nil, nil, nil
 do
   local small_text = SMALL_TEXT
+  local last_int, last_int_text, last_num_text, last_num = nil, nil, nil, nil
   local function small(n)
     return type(n) == 'number' and n >= 0 and n < %d and n %% 1 == 0
   end
@@ -178,17 +180,41 @@ do
   function int(x)
     local text = small_text[x]
     if text then return text end
+    if x == last_int then return last_int_text end
     text = string.format('%%d', x)
-    if small(x) then small_text[x], SMALL_NUMBER[text] = text, x end
+    if small(x) then
+      small_text[x], SMALL_NUMBER[text] = text, x
+    else
+      last_int, last_int_text = x, text
+    end
     return text
   end
   -- tonumber(text), nil for nil.
   function tonum(text)
     local n = SMALL_NUMBER[text]
     if n then return n end
+    if text == last_num_text and text ~= nil then return last_num end
     n = tonumber(text)
-    if n and #text < 5 and small(n) then SMALL_NUMBER[text] = n end
+    if n and #text < 5 and small(n) then
+      SMALL_NUMBER[text] = n
+    elseif n then
+      last_num_text, last_num = text, n
+    end
     return n
+  end
+  -- An id is its sequence number, zero-padded: consecutive ids share all but their last three
+  -- digits, so the head is formatted once per thousand and the tail is remembered.
+  local ID_TAIL, id_head_of, id_head = {}, nil, nil
+  function item_id(seq)
+    local low = seq %% 1000
+    local high = (seq - low) / 1000
+    if high ~= id_head_of then id_head_of, id_head = high, string.format('%%0%dd', high) end
+    local tail = ID_TAIL[low]
+    if not tail then
+      tail = string.format('%%03d', low)
+      ID_TAIL[low] = tail
+    end
+    return id_head .. tail
   end
 end
 local function split(s)
@@ -342,10 +368,10 @@ def contract_lua() -> str:
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
-    lines.append(_HELPERS % (contract.ID_WIDTH, SMALL_INTS, _lua_string(contract.SEP)))
+    lines.append(_HELPERS % (SMALL_INTS, contract.ID_WIDTH - 3, _lua_string(contract.SEP)))
     for record in contract.RECORDS:
         lines += [_encode_lua(record), _parse_lua(record)]
-    lines += [_fields_lua(record) for record in contract.OPERATIONS]
+    lines += [_fields_lua(record) for record in contract.FIELD_READS]
     lines.append(_BEST)
     return "".join(lines)
 

@@ -11,7 +11,8 @@ Rules this module keeps (DESIGN.md §7):
 - state is re-read after every await; background loops survive every exception;
 - a replica whose lease lapsed (paused, partitioned) stops using the slots it held as soon as it
   can tell: locally when it has not renewed its lease for ``leaseTimeout``, or when a heartbeat
-  finds that the pool reclaimed it.
+  finds that the pool reclaimed it; a dispatch it learns of while the lease is in doubt (from the
+  inbox or from any reply) waits for a heartbeat (``defer_if_lease_in_doubt``).
 """
 
 from __future__ import annotations
@@ -402,6 +403,17 @@ class FlowController:
         else:
             self._deliver(deliveries)
 
+    def defer_if_lease_in_doubt(self, pending: Pending, item_id: str, wait_ms: int) -> bool:
+        """A dispatch read while this replica's lease may have lapsed can name a slot the pool
+        has reclaimed since (the replica was paused with the reply unread: any reply, not only
+        an inbox wake-up). Like a deferred wake-up it waits for a heartbeat: used if the pool
+        still knows the replica, else released, and the request takes a new place."""
+        if not self._lease_in_doubt():
+            return False
+        self._queued[item_id] = pending
+        self._deferred.append(Delivery(item_id, ScriptStatus.DISPATCHED, wait_ms))
+        return True
+
     def _lease_in_doubt(self) -> bool:
         if self._lease_lost:
             return True
@@ -416,6 +428,10 @@ class FlowController:
         started = asyncio.get_running_loop().time()
         owned = len(self._held) + len(self._queued)
         beat = await self.store.heartbeat(self.lease_ms, now=self._clock(), owned=owned)
+        # The pool renewed the lease (or registered the replica afresh) as of `started`: what
+        # follows (re-queued requests dispatched, deferred wake-ups applied) is not in doubt.
+        self._last_beat = started
+        self._lease_lost = False
         if not beat.known and self._registered:
             if beat.epoch != self._epoch:
                 await self._recover_from_loss()  # a new pool: Redis lost the old one
@@ -429,8 +445,6 @@ class FlowController:
                 await self._reconcile()
         self._epoch = self.store.epoch
         self._registered = True
-        self._last_beat = started
-        self._lease_lost = False
         self._prune_tickets()
         await self._retry_releases()
 

@@ -136,6 +136,10 @@ class Pending:
             # Nobody will use this slot (the caller left, or the request already has an outcome).
             self._ctrl.release_later(item_id)
             return
+        # A slot the replica holds (not a ticket's) that it learns of while its lease may have
+        # lapsed may be one the pool has reclaimed since: it waits for a heartbeat.
+        if self.lease_ms == 0 and self._ctrl.defer_if_lease_in_doubt(self, item_id, wait_ms):
+            return
         self._ctrl.hold(item_id, self.workload, self.lease_ms, self.request.tokens)
         self.settle(Admission(Outcome.DISPATCHED, item_id, wait_ms))
 

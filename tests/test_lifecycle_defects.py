@@ -28,6 +28,7 @@ from sidecar.outcome import Outcome
 from sidecar.request import FlowControlRequest
 from sidecar.service import AdmissionService
 from sidecar.store.connect import connect
+from sidecar.store.pool import Delivery
 from sidecar.workload import WorkloadContext
 from tests.conftest import Backend, make_config
 from tests.http_harness import eventually
@@ -324,6 +325,46 @@ async def test_a_reclaimed_replica_aborts_its_slots_and_requeues_its_waiters(
         assert a.held == 1 and admitted.item_id != held.item_id
         await a.release(admitted.item_id)
         assert (await stats(a))["inflight"] == 0
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_dispatch_read_after_the_lease_lapsed_waits_for_the_pool_to_confirm(
+    backend: Backend,
+) -> None:
+    # Found by the chaos run (overshoot during a pause with 0 slots held at SIGSTOP): A's release
+    # dispatched A's own waiter, and A was paused with that reply unread. While it slept its
+    # lease lapsed and B reclaimed the slot. Read on waking, the dispatch must not be used before
+    # a heartbeat says whether the pool still knows A.
+    clock = [1_000_000]
+    config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
+    a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
+    b = FlowController(backend.store(config, "b"), clock=lambda: clock[0])
+    await a.start(loops=False)
+    await b.start(loops=False)
+    try:
+        held = await a.enqueue_and_wait(req("h"))
+        waiting = asyncio.create_task(a.enqueue_and_wait(req("q")))
+        await eventually(lambda: a.waiting == 1)
+        sink, unread = a.store.sink, list[Delivery]()
+        a.store.sink = unread.extend  # the reply waits in A's socket
+        await a.release(held.item_id)
+        a.store.sink = sink
+        assert [d.status for d in unread] == [contract.ScriptStatus.DISPATCHED]
+        clock[0] += 5_000  # A sleeps past its lease; B reclaims the slot it was given
+        await b.heartbeat()
+        await b.maintain(force=True)
+        assert (await stats(b))["inflight"] == 0
+        # A judges its lease by its own loop's time, which ran on while it slept.
+        a._last_beat = asyncio.get_running_loop().time() - 10
+        sink(unread)  # A wakes and reads the reply
+        assert a.held == 0  # not admitted on a slot the pool took back
+        await a.heartbeat()  # the pool no longer knows A: the request takes a new place
+        admitted = await asyncio.wait_for(waiting, 10)
+        assert admitted.outcome is Outcome.DISPATCHED
+        assert admitted.item_id != unread[0].item_id
+        assert a.held == 1 and (await stats(a))["inflight"] == 1
     finally:
         await a.stop()
         await b.stop()

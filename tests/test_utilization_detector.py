@@ -169,9 +169,12 @@ async def test_three_serve_replicas_share_one_scrape_and_another_takes_over(
         assert all(s is not None for s in scrapers)
         live = [s for s in scrapers if s is not None]
         await eventually(lambda: sum(s.scrapes for s in live) >= 10)
-        # One replica at a time scrapes: the server saw exactly the scrapes that one made.
+        # One replica at a time scrapes: the server saw the scrapes that one made, but for the
+        # one it may have started and not sent yet (a scraper counts a scrape as it begins; the
+        # fresh-clone CI of 0f731c4 read 9 at the server beside 10 begun).
         assert sum(1 for s in live if s.scrapes > 0) == 1
-        assert server.metrics_scrapes == sum(s.scrapes for s in live)
+        begun = sum(s.scrapes for s in live)
+        assert begun - 1 <= server.metrics_scrapes <= begun
         # Every replica admits while the server is idle (the shared sample says so).
         for replica in replicas:
             async with replica.session.post(

@@ -15,6 +15,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from redis import asyncio as aioredis
 from sidecar import contract
 from sidecar.breaker import CircuitBreaker
 from sidecar.controller import FlowController
+from sidecar.lifecycle import Admission
 from sidecar.metrics import Metrics
 from sidecar.outcome import Outcome
 from sidecar.request import FlowControlRequest
@@ -299,9 +303,27 @@ async def test_a_replica_that_cannot_renew_its_lease_aborts_what_it_holds(
         await ctrl.stop()
 
 
-async def test_a_reclaimed_replica_aborts_its_slots_and_requeues_its_waiters(
-    backend: Backend,
-) -> None:
+@dataclass
+class HolderAndWaiter:
+    """Replica A holds the only slot and has a request waiting behind it; B is alive beside it.
+    Both run on one virtual clock, without their background loops."""
+
+    clock: list[int]
+    a: FlowController
+    b: FlowController
+    held: Admission
+    waiting: asyncio.Task[Admission]
+
+    async def b_reclaims_a(self) -> None:
+        """A was paused past its lease: B's heartbeat and maintenance take back A's slot."""
+        self.clock[0] += 5_000
+        await self.b.heartbeat()
+        await self.b.maintain(force=True)
+        assert (await stats(self.b))["inflight"] == 0
+
+
+@contextlib.asynccontextmanager
+async def holder_and_waiter(backend: Backend) -> AsyncIterator[HolderAndWaiter]:
     clock = [1_000_000]
     config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
     a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
@@ -310,24 +332,29 @@ async def test_a_reclaimed_replica_aborts_its_slots_and_requeues_its_waiters(
     await b.start(loops=False)
     try:
         held = await a.enqueue_and_wait(req("h"))
-        lost = asyncio.Event()
-        a.watch(held.item_id, lost.set)
         waiting = asyncio.create_task(a.enqueue_and_wait(req("q")))
         await eventually(lambda: a.waiting == 1)
-        clock[0] += 5_000  # A was paused past its lease; B is alive and reclaims A's items
-        await b.heartbeat()
-        await b.maintain(force=True)
-        assert (await stats(b))["inflight"] == 0
-        await a.heartbeat()  # A wakes: the pool no longer knows it
-        assert lost.is_set()
-        admitted = await asyncio.wait_for(waiting, 10)  # re-queued, and the slot is free
-        assert admitted.outcome is Outcome.DISPATCHED
-        assert a.held == 1 and admitted.item_id != held.item_id
-        await a.release(admitted.item_id)
-        assert (await stats(a))["inflight"] == 0
+        yield HolderAndWaiter(clock, a, b, held, waiting)
     finally:
         await a.stop()
         await b.stop()
+
+
+async def test_a_reclaimed_replica_aborts_its_slots_and_requeues_its_waiters(
+    backend: Backend,
+) -> None:
+    async with holder_and_waiter(backend) as run:
+        a = run.a
+        lost = asyncio.Event()
+        a.watch(run.held.item_id, lost.set)
+        await run.b_reclaims_a()
+        await a.heartbeat()  # A wakes: the pool no longer knows it
+        assert lost.is_set()
+        admitted = await asyncio.wait_for(run.waiting, 10)  # re-queued, and the slot is free
+        assert admitted.outcome is Outcome.DISPATCHED
+        assert a.held == 1 and admitted.item_id != run.held.item_id
+        await a.release(admitted.item_id)
+        assert (await stats(a))["inflight"] == 0
 
 
 async def test_a_dispatch_read_after_the_lease_lapsed_waits_for_the_pool_to_confirm(
@@ -337,37 +364,23 @@ async def test_a_dispatch_read_after_the_lease_lapsed_waits_for_the_pool_to_conf
     # dispatched A's own waiter, and A was paused with that reply unread. While it slept its
     # lease lapsed and B reclaimed the slot. Read on waking, the dispatch must not be used before
     # a heartbeat says whether the pool still knows A.
-    clock = [1_000_000]
-    config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
-    a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
-    b = FlowController(backend.store(config, "b"), clock=lambda: clock[0])
-    await a.start(loops=False)
-    await b.start(loops=False)
-    try:
-        held = await a.enqueue_and_wait(req("h"))
-        waiting = asyncio.create_task(a.enqueue_and_wait(req("q")))
-        await eventually(lambda: a.waiting == 1)
+    async with holder_and_waiter(backend) as run:
+        a = run.a
         sink, unread = a.store.sink, list[Delivery]()
         a.store.sink = unread.extend  # the reply waits in A's socket
-        await a.release(held.item_id)
+        await a.release(run.held.item_id)
         a.store.sink = sink
         assert [d.status for d in unread] == [contract.ScriptStatus.DISPATCHED]
-        clock[0] += 5_000  # A sleeps past its lease; B reclaims the slot it was given
-        await b.heartbeat()
-        await b.maintain(force=True)
-        assert (await stats(b))["inflight"] == 0
+        await run.b_reclaims_a()  # A sleeps past its lease; B reclaims the slot it was given
         # A judges its lease by its own loop's time, which ran on while it slept.
         a._last_beat = asyncio.get_running_loop().time() - 10
         sink(unread)  # A wakes and reads the reply
         assert a.held == 0  # not admitted on a slot the pool took back
         await a.heartbeat()  # the pool no longer knows A: the request takes a new place
-        admitted = await asyncio.wait_for(waiting, 10)
+        admitted = await asyncio.wait_for(run.waiting, 10)
         assert admitted.outcome is Outcome.DISPATCHED
         assert admitted.item_id != unread[0].item_id
         assert a.held == 1 and (await stats(a))["inflight"] == 1
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_a_release_never_overtakes_a_reconcile_that_lists_its_slot(backend: Backend) -> None:

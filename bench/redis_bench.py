@@ -41,7 +41,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench.report import Row, markdown_table
 from sidecar.config import Config, load_config
-from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE, POOL, SEP, batch_op
+from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE_HELD, POOL, SEP, batch_op
 from sidecar.controller import Admission, FlowController
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
@@ -607,6 +607,13 @@ class LoadSpec:
     offset: int  # where this stream starts in the request mix
 
 
+def _as_list(reply: Any) -> Any:
+    """A batch.lua operation's reply as its script's would be (status first)."""
+    if isinstance(reply, bytes):
+        return reply.split(SEP.encode())
+    return [reply] if isinstance(reply, int) else reply
+
+
 class LoadDriver:
     """One stream's pool and its steps; a step is ``batch`` admissions sent in one round trip."""
 
@@ -616,6 +623,9 @@ class LoadDriver:
         self.prefix = pool_prefix(spec.pool)
         self.made = spec.offset
         self.held: list[bytes] = []
+        # Each item's workload, named when its slot is released, as a replica does for a slot it
+        # holds (contract.BATCH_RELEASE_HELD).
+        self.workload_of: dict[bytes, str] = {}
         self.sha: dict[str, str] = {}
         self.queued = spec.kind.startswith("queued")
 
@@ -639,39 +649,53 @@ class LoadDriver:
 
     async def _fill(self, n: int, expect: ScriptStatus) -> list[bytes]:
         pipe = self.client.pipeline(transaction=False)
-        for _ in range(n):
-            pipe.fcall(function_name("enqueue"), 1, self.prefix, "", self.spec.replica,
-                       *self.enqueue_args())  # fmt: skip
+        sent = [self.enqueue_args() for _ in range(n)]
+        for args in sent:
+            pipe.fcall(function_name("enqueue"), 1, self.prefix, "", self.spec.replica, *args)
         replies = await pipe.execute()
         if any(int(r[0]) != expect for r in replies):
             raise BenchError(f"{self.spec.kind}: expected status {expect}: {replies[:3]}")
+        self._note_workloads(sent, replies)
         return [bytes(r[1]) for r in replies]
+
+    def _note_workloads(self, sent: list[list[object]], replies: list[Any]) -> None:
+        for args, reply in zip(sent, replies, strict=True):
+            self.workload_of[bytes(reply[1])] = str(args[2])
+
+    def _release_args(self, item: bytes) -> list[str]:
+        """A release of a slot this stream holds: its id, tokens (none) and workload."""
+        return [item.decode(), "0", self.workload_of.pop(item)]
 
     async def step(self) -> None:
         kind, replica, k = self.spec.kind, self.spec.replica, self.spec.batch
-        if kind.endswith("-batch"):
-            ops = [batch_op(OP_RELEASE, [item.decode()]) for item in self.held]
-            ops += [batch_op(OP_ENQUEUE, self.enqueue_args()) for _ in range(k)]
-            replies = await self.client.fcall(
-                function_name("batch"), 1, self.prefix, "", replica, *ops
-            )
-            # An operation's reply with no outcomes is one string (contract.OP_REPLY).
-            replies = [r.split(SEP.encode()) if isinstance(r, bytes) else r for r in replies]
-            self._check(replies[: len(self.held)], replies[len(self.held) :])
-            return
-        pipe = self.client.pipeline(transaction=False)
         if kind == "trivial":
+            pipe = self.client.pipeline(transaction=False)
             for _ in range(k):
                 pipe.evalsha(self.sha["trivial"], 1, self.prefix, "", replica, *self.enqueue_args())
                 pipe.evalsha(self.sha["trivial"], 1, self.prefix, "", replica, "0")
             await pipe.execute()
             return
-        for item in self.held:
-            pipe.fcall(function_name("release"), 1, self.prefix, "", replica, item)
-        for _ in range(k):
-            pipe.fcall(function_name("enqueue"), 1, self.prefix, "", replica, *self.enqueue_args())
-        replies = await pipe.execute()
-        self._check(replies[: len(self.held)], replies[len(self.held) :])
+        releases = [self._release_args(item) for item in self.held]
+        sent = [self.enqueue_args() for _ in range(k)]
+        replies: list[Any]
+        if kind.endswith("-batch"):
+            ops = [batch_op(OP_RELEASE_HELD, release) for release in releases]
+            ops += [batch_op(OP_ENQUEUE, enqueue) for enqueue in sent]
+            replies = await self.client.fcall(
+                function_name("batch"), 1, self.prefix, "", replica, *ops
+            )
+            # An enqueue's reply with no outcomes is one string (contract.OP_REPLY), a release's
+            # its status alone.
+            replies = [_as_list(r) for r in replies]
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for release in releases:
+                pipe.fcall(function_name("release"), 1, self.prefix, "", replica, *release)
+            for enqueue in sent:
+                pipe.fcall(function_name("enqueue"), 1, self.prefix, "", replica, *enqueue)
+            replies = await pipe.execute()
+        self._note_workloads(sent, replies[len(releases) :])
+        self._check(replies[: len(releases)], replies[len(releases) :])
 
     def _check(self, released: list[Any], enqueued: list[Any]) -> None:
         if any(int(r[0]) != ScriptStatus.DISPATCHED for r in released):

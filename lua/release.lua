@@ -5,12 +5,17 @@
     ARGV[1] time override, absolute ms ('' = Redis TIME)
     ARGV[2] caller replica id
     ARGV[3] item id
+    ARGV[4], ARGV[5] optional: the tokens and the workload (escaped id) the caller enqueued it
+            with, when the caller holds the slot (contract.BATCH_RELEASE_HELD: the pool deletes
+            the slot's record without reading it first)
   Output:
     { status, item id, '', outcome... }: status 1 released, 7 not in flight (already released or
     reclaimed), -1 no config; then 'id|status|wait_ms' for each item of the caller dispatched here.
 ]]
 -- @include transitions
 if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG } end
-local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}))
+local tok = ARGV[4]
+if tok then tok = SMALL_NUMBER[tok] or tonum(tok) end
+local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}, ARGV[5], tok))
 flush_state()
 return r

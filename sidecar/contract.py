@@ -97,6 +97,11 @@ POOL_LAYOUT_NOTE = (
     "hashtable: this value is longer than hash-max-listpack-value, so each field is found "
     "without a scan"
 )
+# Set ('1') while an item may be queued or in flight that the pool counts as anonymous although
+# its request named a workload (the pool tracked workloadRegistry's cap of workloads already):
+# its replica knows it by the name, so a release naming the slot's workload (OP_RELEASE_HELD)
+# is taken on trust only while this is absent. Deleted once nothing is queued or in flight.
+ANON_FALLBACK = "fb"
 # The bands with queued items (ID_LIST_SEP-separated priorities, in no order), so the scripts
 # find the highest without scanning the pool hash (lua/includes/counters.lua queued_bands).
 QUEUED_BANDS = "qb"
@@ -141,7 +146,15 @@ KEYS: tuple[KeySpec, ...] = (
         "hash",
         "configuration (configure.lua) and counters: queued, in flight, sequence, per band, "
         "per replica",
-        (*CFG_FIELDS, CFG_DIGEST, *STATS_FIELDS, QUEUED_BANDS, *SAMPLE_FIELDS, POOL_LAYOUT),
+        (
+            *CFG_FIELDS,
+            CFG_DIGEST,
+            *STATS_FIELDS,
+            QUEUED_BANDS,
+            ANON_FALLBACK,
+            *SAMPLE_FIELDS,
+            POOL_LAYOUT,
+        ),
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
     KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),
@@ -325,29 +338,43 @@ RECONCILED = _record("reconciled", "released:i readded:i dropped:i")
 # A coalesced operation, one argument of batch.lua each (one argument per operation, not one per
 # field: Redis turns each argument into a Lua string, which costs more than matching one record).
 # Tags are one character: batch.lua tells operations apart by the first.
-OP_ENQUEUE, OP_RELEASE = "e", "r"
+OP_ENQUEUE, OP_RELEASE, OP_RELEASE_HELD = "e", "r", "h"
 BATCH_ENQUEUE = _record(
     "op_enqueue", "op:s band:s flow:s wid:s crit:i bytes:i ttl:i lease:i tok:i slo:i"
 )
 BATCH_RELEASE = _record("op_release", "op:s id:s")
-# A coalesced operation's reply that carries no outcome of another item (the common one): its
+# A release of a slot the caller holds, with what it enqueued it with: the escaped workload id
+# and the tokens. The pool then only deletes the slot's record (whether it existed says whether
+# the slot was held) instead of reading it first; it takes them on trust unless ANON_FALLBACK is
+# set, and reads the record then.
+# batch.lua reads it by position, without matching it (a string.match costs more than the rest of
+# a release): the id is ID_WIDTH characters, the workload id (which never holds SEP) is last.
+BATCH_RELEASE_HELD = _record("op_release_held", "op:s id:s tok:i wid:s")
+# A coalesced enqueue's reply that carries no outcome of another item (the common one): its
 # status and two fields, one string, where a reply with outcomes is a list as the script's own.
-# Redis converts a list reply element by element, which costs more than one string.
+# Redis converts a list reply element by element, which costs more than one string. A coalesced
+# release's reply with no outcome is its status alone, an integer (the caller knows the id).
 OP_REPLY = _record("op_reply", "status:i a:s b:s")
 RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED, OP_REPLY)
-# Read by Lua field by field (fields_<name>), written only by Python. A release is its tag and
-# the item id: batch.lua takes the id as what follows the tag and SEP.
+# Read by Lua field by field (fields_<name>), written only by Python. Releases are read by
+# position: batch.lua takes a plain release's id as what follows the tag and SEP.
 OPERATIONS = (BATCH_ENQUEUE,)
 # Read by Lua field by field too, where no table of the fields is wanted (a held slot's record,
 # read by every release).
 FIELD_READS = (*OPERATIONS, HELD_RECORD)
 
 
+_OPERATION_RECORDS = {
+    OP_ENQUEUE: BATCH_ENQUEUE,
+    OP_RELEASE: BATCH_RELEASE,
+    OP_RELEASE_HELD: BATCH_RELEASE_HELD,
+}
+
+
 def batch_op(kind: str, args: Sequence[object]) -> str:
     """One batch.lua operation: OP_ENQUEUE with enqueue.lua's fields after the time and the
-    caller, or OP_RELEASE with the item id."""
-    record = BATCH_ENQUEUE if kind == OP_ENQUEUE else BATCH_RELEASE
-    return record.encode(kind, *args)
+    caller, OP_RELEASE with the item id, OP_RELEASE_HELD with the id, tokens and workload."""
+    return _OPERATION_RECORDS[kind].encode(kind, *args)
 
 
 def split_best(raw: str) -> tuple[float, str]:

@@ -320,8 +320,11 @@ class FlowController:
         The release runs to the end even if the caller is cancelled (its reply may dispatch this
         replica's waiting requests). If the store cannot be reached, it is kept and retried on
         every heartbeat until it succeeds: a lost release would hold a slot forever."""
-        self._held.pop(item_id, None)
+        hold = self._held.pop(item_id, None)
         self._tickets.pop(item_id, None)
+        # What it was enqueued with saves the pool reading the slot's record. A retry (the slot
+        # is no longer in _held) goes without: the pool reads the record then.
+        held = None if hold is None else (hold.workload, hold.tokens)
         call: asyncio.Future[ScriptReply]
         if self._reconciling is not None and not self._reconciling.done():
             # A reconcile listing this slot as held is on the wire: a release that overtook it
@@ -329,7 +332,7 @@ class FlowController:
             # goes even if this caller is cancelled meanwhile).
             call = asyncio.ensure_future(self._release_after(self._reconciling, item_id))
         else:
-            call = self.store.submit_release(item_id, now=self._clock())
+            call = self.store.submit_release(item_id, now=self._clock(), held=held)
         call.add_done_callback(functools.partial(self._release_done, item_id))
         reply = await asyncio.shield(call)
         return reply.status is ScriptStatus.DISPATCHED

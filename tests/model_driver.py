@@ -52,7 +52,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _script_reply(raw: list[Any] | bytes) -> ScriptReply:
+def _script_reply(raw: list[Any] | bytes | int, item_id: str) -> ScriptReply:
+    if isinstance(raw, int):  # a batch release's reply with no outcomes: its status alone
+        return ScriptReply(ScriptStatus(raw), item_id, "", [])
     if isinstance(raw, bytes):  # a batch operation's reply with no outcomes: contract.OP_REPLY
         fields = contract.OP_REPLY.parse(raw.decode())
         return ScriptReply(ScriptStatus(int(fields["status"])), fields["a"], fields["b"], [])
@@ -73,6 +75,9 @@ class Run:
     # releasing them must answer 'not found' on both sides).
     held: list[str] = field(default_factory=list)
     owner: dict[str, str] = field(default_factory=dict)
+    # What each item was enqueued with, as its replica would name it in a release of the slot it
+    # holds (contract.BATCH_RELEASE_HELD): escaped workload id, tokens.
+    account: dict[str, tuple[str, int]] = field(default_factory=dict)
     dispatch_order: list[str] = field(default_factory=list)
     step: int = 0
     op: object = None
@@ -148,13 +153,15 @@ class Run:
             lease_ms=lease, tokens=tokens, slo_ms=slo, now=self.now,
         )  # fmt: skip
         expected = self.model.enqueue(self.now, caller, *args)
-        self._own(caller, expected[0])
+        self._own(caller, expected[0], args)
         await self.compare_call(caller, [_observed(reply)], [expected])
 
-    def _own(self, caller: str, reply: Reply) -> None:
-        """Notes who owns a new item; one dispatched in its own enqueue is held at once."""
+    def _own(self, caller: str, reply: Reply, args: tuple[Any, ...]) -> None:
+        """Notes who owns a new item and what it was enqueued with; one dispatched in its own
+        enqueue is held at once."""
         if reply.item_id:
             self.owner[reply.item_id] = caller
+            self.account[reply.item_id] = (args[2], args[7])
         if reply.status == ScriptStatus.DISPATCHED:
             self._dispatched(reply.item_id)
 
@@ -163,7 +170,10 @@ class Run:
             return
         iid = self.held.pop(pick % len(self.held))
         caller = self.owner[iid]
-        reply = await self.stores[caller].release(iid, now=self.now)
+        # Every other release names the slot's workload and tokens, as a replica does for a slot
+        # it holds (the pool then does not read the slot's record).
+        held = self.account[iid] if pick % 2 == 0 else None
+        reply = await self.stores[caller].release(iid, now=self.now, held=held)
         await self.compare_call(
             caller, [_observed(reply)], [self.model.release(self.now, caller, iid)]
         )
@@ -212,22 +222,30 @@ class Run:
     async def batch(self, caller: str, subops: list[tuple[Any, ...]]) -> None:
         flat: list[object] = []
         expected = []
+        released: list[str] = []  # each operation's item id ('' for an enqueue)
         for sub in subops:
             if sub[0] == "e":
                 flat.append(contract.batch_op(contract.OP_ENQUEUE, sub[1:]))
+                released.append("")
                 expected.append(self.model.enqueue(self.now, caller, *sub[1:]))
-                self._own(caller, expected[-1][0])
+                self._own(caller, expected[-1][0], sub[1:])
                 continue
             mine = [i for i in self.held if self.owner[i] == caller]
             if mine:
                 iid = mine[sub[1] % len(mine)]
                 self.held.remove(iid)
-                flat.append(contract.batch_op(contract.OP_RELEASE, [iid]))
+                if sub[1] % 2 == 0:
+                    wid, tokens = self.account[iid]
+                    flat.append(contract.batch_op(contract.OP_RELEASE_HELD, [iid, tokens, wid]))
+                else:
+                    flat.append(contract.batch_op(contract.OP_RELEASE, [iid]))
                 expected.append(self.model.release(self.now, caller, iid))
+                released.append(iid)
         if not flat:
             return
         raw = await self.stores[caller].call_direct("batch", self.now, caller, *flat)
-        await self.compare_call(caller, [_observed(_script_reply(r)) for r in raw], expected)
+        seen = [_observed(_script_reply(r, iid)) for r, iid in zip(raw, released, strict=True)]
+        await self.compare_call(caller, seen, expected)
 
     async def apply(self, op: tuple[Any, ...]) -> None:
         kind, dt, *rest = op

@@ -62,14 +62,16 @@ async def test_failed_release_is_retried_on_heartbeat(backend: Backend) -> None:
     real = ctrl.store.submit_release
     calls = 0
 
-    def failing(item_id: str, now: int | None = None) -> asyncio.Future[ScriptReply]:
+    def failing(
+        item_id: str, now: int | None = None, *, held: tuple[str, int] | None = None
+    ) -> asyncio.Future[ScriptReply]:
         nonlocal calls
         calls += 1
         if calls == 1:
             refused: asyncio.Future[ScriptReply] = asyncio.get_running_loop().create_future()
             refused.set_exception(StoreError("release: connection refused"))
             return refused
-        return real(item_id, now=now)
+        return real(item_id, now=now, held=held)
 
     ctrl.store.submit_release = failing  # type: ignore[method-assign]
     with pytest.raises(StoreError):

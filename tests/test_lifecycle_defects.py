@@ -398,9 +398,11 @@ async def test_a_release_never_overtakes_a_reconcile_that_lists_its_slot(backend
         await go.wait()  # the reconcile is "on the wire"
         return await real(*args, **kwargs)
 
-    def recording_submit(item_id: str, now: int | None = None) -> Any:
+    def recording_submit(
+        item_id: str, now: int | None = None, *, held: tuple[str, int] | None = None
+    ) -> Any:
         releases_sent.append(item_id)
-        return real_submit(item_id, now=now)
+        return real_submit(item_id, now=now, held=held)
 
     ctrl.store.reconcile = slow_reconcile  # type: ignore[method-assign]
     ctrl.store.submit_release = recording_submit  # type: ignore[method-assign]

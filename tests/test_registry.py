@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from sidecar import contract
 from sidecar.outcome import ScriptStatus
 from sidecar.registry import WorkloadRegistry, ema_update, window_rate
+from sidecar.store import PoolStore
+from sidecar.store.connect import connect
 from tests.conftest import Backend, make_config
+from tests.redis_proc import RedisProcess
 from tests.test_store_basics import enq
 
 
@@ -108,3 +114,68 @@ async def test_max_tracked_caps_registry_size(backend: Backend) -> None:
     assert await store.client.zcard(store.key("workloads")) == 3
     assert await store.client.exists(store.key("w:w9")) == 0
     assert int(await store.client.hget(store.key("anon"), "active")) == 7
+
+
+async def test_a_release_naming_a_workload_counted_as_anonymous_frees_the_anonymous_count(
+    backend: Backend,
+) -> None:
+    """Past the cap a request counts as anonymous while its replica knows it by name, so a release
+    that names the slot's workload (contract.BATCH_RELEASE_HELD) is not taken on trust then: the
+    pool reads the slot's record, until nothing is queued or in flight."""
+    store = backend.store(make_config(limit=100, workloadRegistry={"maxTracked": 1}))
+    await store.configure(now=0)
+    pool = store.key(contract.POOL)
+    tracked = await enq(store, 10, workload="w0")
+    untracked = await enq(store, 10, workload="w1")
+    assert int(await store.client.hget(store.key("anon"), "active")) == 1
+    assert await store.client.hget(pool, contract.ANON_FALLBACK) == b"1"
+
+    reply = await store.release(untracked.item_id, now=20, held=("w1", 0))
+    assert reply.status is ScriptStatus.DISPATCHED
+    assert int(await store.client.hget(store.key("anon"), "active")) == 0
+    assert await store.client.exists(store.key("w:w1")) == 0
+    # w0 still holds a slot: the mark stays; the last release takes it away.
+    assert await store.client.hget(pool, contract.ANON_FALLBACK) == b"1"
+    await store.release(tracked.item_id, now=30, held=("w0", 0))
+    assert await store.client.hget(pool, contract.ANON_FALLBACK) is None
+    assert int(await store.client.hget(store.key("w:w0"), "active")) == 0
+    # A second release of either is still a no-op.
+    again = await store.release(untracked.item_id, now=40, held=("w1", 0))
+    assert again.status is ScriptStatus.NOT_FOUND
+    assert int(await store.client.hget(store.key("anon"), "active")) == 0
+
+
+async def hget_calls(client: Any) -> tuple[int, int]:
+    """HGET and HDEL calls since the last CONFIG RESETSTAT."""
+    stats = await client.info("commandstats")
+    hget, hdel = (int(stats.get(f"cmdstat_{c}", {}).get("calls", 0)) for c in ("hget", "hdel"))
+    return hget, hdel
+
+
+@pytest.mark.redis
+async def test_a_release_naming_its_slot_deletes_the_record_without_reading_it(
+    redis_server: RedisProcess,
+) -> None:
+    """The point of naming the slot's workload and tokens: one command on the slot's record, not
+    two; alone (release.lua) and coalesced (batch.lua). Commands inside scripts are counted."""
+    client, inbox = connect(redis_server.url, timeout_s=5.0)
+    try:
+        await client.flushall()
+        store = PoolStore(client, make_config(limit=10), "r1", inbox_client=inbox)
+        await store.configure(now=0)
+        ids = [(await enq(store, 10, workload="w", tokens=0)).item_id for _ in range(4)]
+        await client.config_resetstat()
+        await store.release(ids[0], now=20, held=("w", 0))
+        assert await hget_calls(client) == (0, 1)
+        await store.release(ids[1], now=20)
+        assert await hget_calls(client) == (1, 2)
+        ops = [contract.batch_op(contract.OP_RELEASE_HELD, [i, 0, "w"]) for i in ids[2:]]
+        await client.config_resetstat()
+        raw = await store.call_direct("batch", 30, "r1", *ops)
+        # A coalesced release's reply with no outcome is its status alone.
+        assert raw == [ScriptStatus.DISPATCHED, ScriptStatus.DISPATCHED]
+        assert await hget_calls(client) == (0, 2)
+        assert int(await client.hget(store.key("w:w"), "active")) == 0
+    finally:
+        await client.aclose()
+        await inbox.aclose()

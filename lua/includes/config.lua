@@ -153,9 +153,11 @@ do
   function flush_pool()
     -- Whether the next call may take the queued path (a queue, or every slot taken), for its
     -- guess of what to read (a call that did not read the counts leaves the guess as it was).
-    local qn = PINT.qn or tonum(rawget(POOL, 'qn'))
+    -- (A count read and found absent is 0: POOL_READ holds false for it.)
+    local qn = PINT.qn or tonum(rawget(POOL, 'qn')) or (POOL_READ.qn == false and 0)
     if qn then
       local inflight = PINT.inflight or tonum(rawget(POOL, 'inflight'))
+        or (POOL_READ.inflight == false and 0) or nil
       pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
     end
     local args, n = {}, 0
@@ -238,15 +240,15 @@ do
     local c = cached.cfg
     local h = pool_hints()
     local number_field = REPLICA_NUMBER .. caller
-    local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field }
-    local n = 5
+    local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field, ANON_FALLBACK }
+    local n = 6
     local num = h.nums[caller]
     if h.queued then
       -- What a queued enqueue or a dispatch reads next: the queue's totals, the counters of the
       -- caller's number, of the owner of the item queued last (whose items a dispatch here may
       -- take) and of the band (the call's, or the one last touched).
-      fields[6], fields[7] = 'qbytes', QUEUED_BANDS
-      n = 7
+      fields[n + 1], fields[n + 2] = 'qbytes', QUEUED_BANDS
+      n = n + 2
       local queuer = h.queuer
       if queuer == num then queuer = nil end
       if num then

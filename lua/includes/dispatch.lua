@@ -8,8 +8,8 @@
   Provides: notify(owner, id, status, wait, caller, out), has_capacity(now), took_capacity(),
   dispatch_item(id, lane, caller, now, out), pick_next() -> id, lane, dispatch_ready(caller, now,
   out), grant_slot(num, owner, id, wid, now, lease, tok),
-  release_held(num, id), release_leased(id), release_item(caller, id) (held by the caller, else
-  leased), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
+  release_held(num, id), release_leased(id), release_item(caller, id, wid, tok) (held by the
+  caller, else leased; `wid` and `tok` the caller's account of its slot, or nil), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
   (writes what the call kept in memory: every script that changes state calls it before it
   returns).
   Needs: contract, config, items, owners, registry, counters, lanes.
@@ -150,6 +150,13 @@ local function dispatch_ready(caller, now, out)
   end
 end
 
+-- A slot left the in-flight counts: the pool's, its tokens, and its workload's active count.
+local function free_slot(wid, tok)
+  stat_add('inflight', -1)
+  if tok > 0 then stat_add('tok', -tok) end
+  workload_done(wid)
+end
+
 -- Takes slot `id` out of the hash `key` (a replica's held slots, or the leased ones: `leased`)
 -- and out of the counts. Returns true, or false when the hash holds no such slot.
 local function take_slot(key, id, leased)
@@ -161,15 +168,12 @@ local function take_slot(key, id, leased)
     local f = parse_leased(raw)
     wid, tok = f.wid, f.tok
   else
-    -- A held record's fields, without a table (this runs for every admission).
+    -- A held record's fields, without a table.
     local _
     wid, _, tok = fields_held(raw)
     tok = SMALL_NUMBER[tok] or tonum(tok)
   end
-  -- Out of the pool's in-flight count, and its tokens.
-  stat_add('inflight', -1)
-  if tok > 0 then stat_add('tok', -tok) end
-  workload_done(wid)
+  free_slot(wid, tok)
   return true
 end
 
@@ -185,11 +189,24 @@ local function release_leased(id)
 end
 
 -- Frees an in-flight slot: the caller's own, or a ticket's (any replica may release a ticket).
--- Idempotent: returns false when the item is not in flight.
-local function release_item(caller, id)
-  -- owner_known(caller) and release_held, inline: this runs for every admission.
+-- Idempotent: returns false when the item is not in flight. `wid` and `tok`, when given, are the
+-- caller's account of its own slot (contract.BATCH_RELEASE_HELD): what it enqueued the request
+-- with, which is what the slot's record holds unless the pool counted the request as anonymous
+-- (ANON_FALLBACK set), so the record is deleted without being read.
+local function release_item(caller, id, wid, tok)
+  -- owner_known(caller), inline: this runs for every admission.
   local num = POOL[REPLICA_NUMBER .. caller]
-  if num and take_slot(K_HELD .. num, id, false) then return true end
+  if num then
+    -- (Every caller read the flag with the counters, if it is set: rawget, not POOL's __index.)
+    if wid and not rawget(POOL, ANON_FALLBACK) then
+      if rcall('HDEL', K_HELD .. num, id) == 1 then
+        free_slot(wid, tok)
+        return true
+      end
+    elseif take_slot(K_HELD .. num, id, false) then
+      return true
+    end
+  end
   return release_leased(id)
 end
 
@@ -200,6 +217,11 @@ local function reply(status, a, b, out)
 end
 
 local function flush_state()
+  -- With nothing queued or in flight, no item counted as anonymous for want of room in the
+  -- registry is left (contract.ANON_FALLBACK). Only a call that read the flag looks.
+  if rawget(POOL, ANON_FALLBACK) and ST.qn == 0 and ST.inflight == 0 then
+    pool_del(ANON_FALLBACK)
+  end
   flush_workloads()
   flush_pool()
 end

@@ -154,7 +154,11 @@ end
 local function track(wid, now, counters_only)
   if wid == '' then return '' end
   if wstate(wid, counters_only).exists then return wid end
-  if CFG.maxTracked > 0 and rcall('ZCARD', K_WORKLOADS) >= CFG.maxTracked then return '' end
+  if CFG.maxTracked > 0 and rcall('ZCARD', K_WORKLOADS) >= CFG.maxTracked then
+    -- Counted as anonymous while its replica knows it by name (contract.ANON_FALLBACK).
+    pool_set(ANON_FALLBACK, '1')
+    return ''
+  end
   rcall('ZADD', K_WORKLOADS, int(now), wid)
   return wid
 end

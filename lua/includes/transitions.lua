@@ -7,7 +7,7 @@
   They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
   runs them calls flush_state() before it returns.
   Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo, out),
-  op_release(override, caller, id, out), where `out` is an empty list the outcomes go into (the
+  op_release(override, caller, id, out, wid, tok), where `out` is an empty list the outcomes go into (the
   caller's, so a coalesced call makes a new one only after one was used).
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
@@ -78,9 +78,10 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
 end
 
 -- Frees an in-flight slot and dispatches whatever that frees. Idempotent. The clock is read only
--- when something waits (`override` is the caller's time override).
-local function op_release(override, caller, id, out)
-  if not release_item(caller, id) then return S_NOT_FOUND, id, '', out end
+-- when something waits (`override` is the caller's time override). `wid`, `tok`: the caller's
+-- account of its slot, or nil (release_item).
+local function op_release(override, caller, id, out, wid, tok)
+  if not release_item(caller, id, wid, tok) then return S_NOT_FOUND, id, '', out end
   if ST.qn > 0 then dispatch_ready(caller, clock(override), out) end
   return S_DISPATCHED, id, '', out
 end

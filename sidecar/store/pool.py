@@ -69,8 +69,11 @@ def _status(code: Any) -> ScriptStatus:
     return ScriptStatus(int(code)) if status is None else status
 
 
-def _parse_reply(raw: list[Any] | bytes) -> ScriptReply:
-    """A script's reply, or a coalesced operation's given as one string (contract OP_REPLY)."""
+def _parse_reply(raw: list[Any] | bytes | int, item_id: str = "") -> ScriptReply:
+    """A script's reply, or a coalesced operation's given as one string (contract OP_REPLY) or,
+    for a release of ``item_id``, as its status alone."""
+    if isinstance(raw, int):
+        return ScriptReply(_status(raw), item_id, "", [])
     if isinstance(raw, bytes):
         code, item_id, detail = raw.decode().split(contract.SEP, 2)
         return ScriptReply(_status(int(code)), item_id, detail, [])
@@ -277,8 +280,8 @@ class PoolStore:
             raise StoreError(f"{name}: the pool has no configuration")
         return raw
 
-    def _reply(self, raw: list[Any] | bytes) -> ScriptReply:
-        reply = _parse_reply(raw)
+    def _reply(self, raw: list[Any] | bytes | int, item_id: str = "") -> ScriptReply:
+        reply = _parse_reply(raw, item_id)
         if reply.deliveries:
             self.sink(reply.deliveries)
         return reply
@@ -326,11 +329,19 @@ class PoolStore:
         call = self.call_direct if direct else self._call
         return asyncio.ensure_future(self._single("enqueue", call, now, args))
 
-    def submit_release(self, item_id: str, now: int | None = None) -> asyncio.Future[ScriptReply]:
-        """Starts a release (idempotent); the future is the store's, as for submit_enqueue."""
+    def submit_release(
+        self, item_id: str, now: int | None = None, *, held: tuple[str, int] | None = None
+    ) -> asyncio.Future[ScriptReply]:
+        """Starts a release (idempotent); the future is the store's, as for submit_enqueue.
+        ``held``: the escaped workload and the tokens this replica enqueued the request with,
+        when it holds the slot (contract.BATCH_RELEASE_HELD: the pool then deletes the slot's
+        record without reading it first)."""
+        kind, args = contract.OP_RELEASE, [item_id]
+        if held is not None:
+            kind, args = contract.OP_RELEASE_HELD, [item_id, str(held[1]), held[0]]
         if self._coalescer is not None and now is None:
-            return self._coalescer.submit((contract.OP_RELEASE, [item_id]))
-        return asyncio.ensure_future(self._single("release", self._call, now, [item_id]))
+            return self._coalescer.submit((kind, args))
+        return asyncio.ensure_future(self._single("release", self._call, now, args))
 
     async def _single(
         self, name: str, call: Callable[..., Awaitable[list[Any]]], now: int | None, args: list[str]
@@ -341,8 +352,10 @@ class PoolStore:
         """submit_enqueue, awaited; the call completes even if the caller is cancelled."""
         return await asyncio.shield(self.submit_enqueue(**kwargs))
 
-    async def release(self, item_id: str, now: int | None = None) -> ScriptReply:
-        return await asyncio.shield(self.submit_release(item_id, now))
+    async def release(
+        self, item_id: str, now: int | None = None, *, held: tuple[str, int] | None = None
+    ) -> ScriptReply:
+        return await asyncio.shield(self.submit_release(item_id, now, held=held))
 
     async def _send_batch(self, ops: Sequence[Operation]) -> list[ScriptReply]:
         """One round trip for coalesced operations (a lone one goes as its own script)."""
@@ -352,7 +365,8 @@ class PoolStore:
             return [self._reply(await self._call(name, None, self.replica_id, *args))]
         packed = [contract.batch_op(kind, args) for kind, args in ops]
         raw = await self._call("batch", None, self.replica_id, *packed)
-        return [self._reply(r) for r in raw]
+        # (A release's reply may be its status alone: it is given the id it released.)
+        return [self._reply(r, args[0]) for r, (_, args) in zip(raw, ops, strict=True)]
 
     async def cancel(
         self, item_id: str, reason: ScriptStatus, now: int | None = None
@@ -467,5 +481,5 @@ class PoolStore:
 
 def _no_config(raw: Sequence[Any]) -> bool:
     """The script's reply is { S_NO_CONFIG }. A batch's first element is an operation's reply
-    (a list, or one string: contract.OP_REPLY); a status is always an integer."""
+    (a list, one string: contract.OP_REPLY, or a release's status, never S_NO_CONFIG)."""
     return bool(raw) and type(raw[0]) is int and raw[0] == ScriptStatus.NO_CONFIG

@@ -355,6 +355,8 @@ def contract_lua() -> str:
         "DETECTOR_UTILIZATION",
         "OP_ENQUEUE",
         "OP_RELEASE",
+        "OP_RELEASE_HELD",
+        "ANON_FALLBACK",
         "POOL_LAYOUT",
         "POOL_LAYOUT_NOTE",
     ):

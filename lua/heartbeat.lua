@@ -32,7 +32,8 @@ if not known and (not num or owner_reclaimed(num) or not owner_id(num)) then
 end
 local differs = 0
 if ARGV[4] and ARGV[4] ~= ''
-  and rcall('HLEN', K_HELD .. num) + owner_queued(num) ~= tonumber(ARGV[4]) then
+  and rcall('HLEN', K_HELD .. num) - rcall('HEXISTS', K_HELD .. num, POOL_LAYOUT)
+    + owner_queued(num) ~= tonumber(ARGV[4]) then
   differs = 1
 end
 flush_pool()

@@ -68,6 +68,8 @@ for _, replica in ipairs(rcall('ZRANGEBYSCORE', K_REPLICAS, '-inf', int(now), 'L
   if num then
     pool_del(REPLICA_NUMBER .. replica)
     pool_set(RECLAIM .. num, int(lowest))
+    -- Its held hash goes once its last slot is released.
+    rcall('HDEL', K_HELD .. num, POOL_LAYOUT)
   else
     rcall('DEL', K_INBOX .. replica)
   end
@@ -82,7 +84,7 @@ for _, r in ipairs(reclaiming) do
   local num, bucket = r[1], r[2]
   local held = rcall('HKEYS', K_HELD .. num)
   for i = 1, math.min(#held, budget) do
-    if release_held(num, held[i]) then reclaimed = reclaimed + 1 end
+    if held[i] ~= POOL_LAYOUT and release_held(num, held[i]) then reclaimed = reclaimed + 1 end
   end
   local dropped, scanned = 0, 0
   while owner_queued(num) > 0 and bucket <= top_bucket and dropped < budget

@@ -41,7 +41,8 @@ local released, readded, dropped = 0, 0, 0
 local v = rcall('HGETALL', hk)
 for j = 1, #v, 2 do
   local id = v[j]
-  if not held[id] and not queued[id] and now - (parse_held(v[j + 1]).since or 0) >= grace then
+  if id ~= POOL_LAYOUT and not held[id] and not queued[id]
+    and now - (parse_held(v[j + 1]).since or 0) >= grace then
     release_held(num, id)
     released = released + 1
   end

@@ -97,6 +97,10 @@ POOL_LAYOUT_NOTE = (
     "hashtable: this value is longer than hash-max-listpack-value, so each field is found "
     "without a scan"
 )
+# A replica's held hash (held:<number>) carries the same field, written when the replica gets its
+# number and deleted when it is reclaimed (then the hash goes with its last slot): a replica holds
+# tens of slots, and every admission finds or adds one, each a scan of the hash in a listpack.
+# Readers of a held hash skip it (a hash written before it existed may lack it).
 # Set ('1') while an item may be queued or in flight that the pool counts as anonymous although
 # its request named a workload (the pool tracked workloadRegistry's cap of workloads already):
 # its replica knows it by the name, so a release naming the slot's workload (OP_RELEASE_HELD)
@@ -157,7 +161,12 @@ KEYS: tuple[KeySpec, ...] = (
         ),
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
-    KeySpec("HELD", HELD, "hash", "held:<owner number>: slots a replica holds -> HELD record"),
+    KeySpec(
+        "HELD",
+        HELD,
+        "hash",
+        "held:<owner number>: slots a replica holds -> HELD record, and POOL_LAYOUT",
+    ),
     KeySpec("LEASED", LEASED, "hash", "slots held by tickets (gateways) -> LEASED record"),
     KeySpec("LEASES", LEASES, "zset", "ticket-held item ids by lease expiry (ms)"),
     KeySpec(

@@ -127,7 +127,9 @@ async def read_state(store: PoolStore, *, limit: int = 100, now: int | None = No
         number = pool.get(contract.REPLICA_NUMBER + _text(rid))
         owned = 0
         if number is not None:
-            held = await client.hlen(store.key(contract.held_key(number)))
+            key = store.key(contract.held_key(number))
+            # Not the layout field (contract.POOL_LAYOUT) a held hash carries.
+            held = await client.hlen(key) - int(await client.hexists(key, contract.POOL_LAYOUT))
             owned = held + _int(pool.get(contract.OWNER_QUEUED + number))
         replicas.append(ReplicaState(_text(rid), int(expiry) - rel_now, owned))
     saturation = inflight / cfg_limit if cfg_limit and cfg_limit < NO_LIMIT else 0.0

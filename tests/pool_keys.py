@@ -21,6 +21,7 @@ async def inflight_records(client: Any, prefix: str) -> dict[str, str]:
     keys = [_text(k) async for k in client.scan_iter(match=prefix + contract.HELD + "*")]
     for key in [*keys, prefix + contract.LEASED]:
         out.update({_text(k): _text(v) for k, v in (await client.hgetall(key)).items()})
+    out.pop(contract.POOL_LAYOUT, None)  # a held hash's layout field, not a slot
     return out
 
 
@@ -51,7 +52,8 @@ async def inflight_by_owner(client: Any, prefix: str) -> dict[str, int]:
         key = _text(raw)
         number = key[len(prefix + contract.HELD) :]
         owner = pool.get(contract.OWNER_ID + number, "#" + number)
-        owners[owner] = owners.get(owner, 0) + int(await client.hlen(key))
+        layout = int(await client.hexists(key, contract.POOL_LAYOUT))
+        owners[owner] = owners.get(owner, 0) + int(await client.hlen(key)) - layout
     for record in (await client.hgetall(prefix + contract.LEASED)).values():
         owner = contract.LEASED_RECORD.parse(_text(record))["owner"]
         owners[owner] = owners.get(owner, 0) + 1

@@ -13,6 +13,7 @@ import pytest
 from sidecar import contract
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
+from sidecar.state import read_state
 from sidecar.store.connect import connect
 from tests.conftest import Backend, make_config
 
@@ -131,6 +132,38 @@ async def test_the_pool_hash_is_a_hashtable_so_its_fields_are_found_without_a_sc
         key = store.key(contract.POOL)
         assert await client.hget(key, contract.POOL_LAYOUT) == contract.POOL_LAYOUT_NOTE.encode()
         assert await client.object("encoding", key) == b"hashtable"
+    finally:
+        await client.aclose()
+        await inbox.aclose()
+
+
+@pytest.mark.redis
+async def test_a_replicas_held_hash_is_a_hashtable_and_goes_with_its_last_slot(
+    redis_server: Any,
+) -> None:
+    """A replica's held hash carries contract.POOL_LAYOUT from the moment the replica gets its
+    number, so finding or adding one of its tens of slots is no scan; nothing that counts its
+    slots counts the field, and once the replica is reclaimed the hash goes with its last slot."""
+    client, inbox = connect(redis_server.url, timeout_s=5.0)
+    try:
+        await client.flushall()
+        store = PoolStore(client, make_config(limit=10), "r1", inbox_client=inbox)
+        await store.configure(now=0)
+        assert (await store.heartbeat(1000, now=1)).known is False
+        item = await enq(store, 2)
+        key = store.key(contract.held_key(1))
+        assert await client.object("encoding", key) == b"hashtable"
+        assert await client.hlen(key) == 2
+        # The heartbeat's comparison and /state count the one slot, not the field.
+        assert (await store.heartbeat(1000, now=3, owned=1)).differs is False
+        assert (await store.heartbeat(1000, now=4, owned=2)).differs is True
+        state = await read_state(store)
+        assert [r.owned for r in state.replicas] == [1]
+        # Its lease lapses: reclaimed, slot and hash.
+        await store.maintain(1, force=True, now=10_000)
+        assert await client.exists(key) == 0
+        assert int(await client.hget(store.key(contract.POOL), "inflight") or 0) == 0
+        assert (await store.release(item.item_id, now=10_001)).status is ScriptStatus.NOT_FOUND
     finally:
         await client.aclose()
         await inbox.aclose()

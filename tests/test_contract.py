@@ -231,6 +231,8 @@ def _check_hash(spec: contract.KeySpec, key: str, fields: dict[str, str]) -> Non
         elif spec.suffix == contract.ITEMS:
             assert 0 <= int(f) < contract.ITEM_BUCKET, key
             contract.ITEM.parse(v)
+        elif spec.suffix == contract.HELD and f == contract.POOL_LAYOUT:
+            assert len(v) > 64, key  # longer than hash-max-listpack-value
         elif spec.suffix in records:
             assert f.isdigit() and len(f) == contract.ID_WIDTH, key
             records[spec.suffix].parse(v)

@@ -30,6 +30,7 @@ import redis
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from sidecar import contract
 from sidecar.keys import VALID_ID
 from sidecar.metrics import Metrics
 from sidecar.simulator import SimulatedModel, start_app
@@ -421,7 +422,9 @@ def test_after_the_flood_the_replica_is_alive_and_the_pool_bounded(
         keys = list(client.scan_iter(count=1000))
         tracked = client.zcard(PREFIX + b"workloads")
         held = [k for k in keys if k.startswith(PREFIX + b"held:")]
-        inflight = sum(client.hlen(k) for k in held) + client.hlen(PREFIX + b"leased")
+        # (Less the layout field each held hash carries: contract.POOL_LAYOUT.)
+        layouts = sum(client.hexists(k, contract.POOL_LAYOUT) for k in held)
+        inflight = sum(client.hlen(k) for k in held) - layouts + client.hlen(PREFIX + b"leased")
         leased = client.zcard(PREFIX + b"leases")
         pool: dict[bytes, bytes] = client.hgetall(PREFIX + b"pool")  # type: ignore[assignment]
         band_bytes = [int(v) for k, v in pool.items() if k.startswith(b"b:")]

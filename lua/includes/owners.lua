@@ -21,6 +21,8 @@ local function renumber(replica)
   pool_set('rseq', num)
   pool_set(REPLICA_NUMBER .. replica, num)
   pool_set(OWNER_ID .. num, replica)
+  -- Its held hash a hashtable from the start (contract.POOL_LAYOUT).
+  rcall('HSET', K_HELD .. num, POOL_LAYOUT, POOL_LAYOUT_NOTE)
   return num
 end
 

@@ -26,7 +26,8 @@ local first = ARGV[3] or ''
 local first_band = nil
 if string.sub(first, 1, 1) == OP_ENQUEUE then first_band = select(2, fields_op_enqueue(first)) end
 if not load_cfg_hot(caller, first_band) then return { S_NO_CONFIG } end
-local replies, out = {}, {}
+-- The call's time, read (clock) by the first enqueue.
+local replies, out, now = {}, {}, nil
 local HELD_ID_AT = #OP_RELEASE_HELD + #SEP + 1
 local HELD_TOK_AT = HELD_ID_AT + ID_WIDTH + #SEP
 for i = 3, #ARGV do
@@ -37,7 +38,8 @@ for i = 3, #ARGV do
     local _, band, flow, wid, crit, bytes, ttl, lease, tok, slo = fields_op_enqueue(arg)
     -- Small numbers are looked up rather than read by tonumber (its strtod is dear), inline as
     -- the generated record code does (a call costs more than the lookup).
-    status, a, b = op_enqueue(clock(ARGV[1]), caller, band, flow, wid,
+    now = now or clock(ARGV[1])
+    status, a, b = op_enqueue(now, caller, band, flow, wid,
       SMALL_NUMBER[crit] or tonum(crit), SMALL_NUMBER[bytes] or tonum(bytes),
       SMALL_NUMBER[ttl] or tonum(ttl), SMALL_NUMBER[lease] or tonum(lease),
       SMALL_NUMBER[tok] or tonum(tok), SMALL_NUMBER[slo] or tonum(slo), out)
@@ -60,7 +62,8 @@ for i = 3, #ARGV do
   -- (the caller knows the id it released).
   if #out == 0 then
     if op == OP_ENQUEUE then
-      replies[i - 2] = encode_op_reply(status, a, b)
+      -- encode_op_reply(status, a, b), inline: this runs for every enqueue.
+      replies[i - 2] = (SMALL_TEXT[status] or int(status)) .. SEP .. a .. SEP .. b
     else
       replies[i - 2] = status
     end

@@ -9,7 +9,7 @@
   has no other reason to read its workload only sends its decrement (HINCRBY) at the flush.
   Provides: init_registry() (run by begin_call), wkey(wid), rate_from(bi, c, p, now), count_request(wid, now),
   track(wid, now, counters_only),
-  record_wait(wid, wait_s), add_active(wid, delta), workload_done(wid), workload_metrics(wid,
+  record_wait(wid, wait_s, joined), add_active(wid, delta), workload_done(wid), workload_metrics(wid,
   now) -> ema, rate, wstate(wid, counters_only) -> the cached state, groups_of(wid) -> { suffix = best },
   group_set(wid, suffix, best or nil) with best = { key, member }, compact_workload(wid),
   forget_workload(wid) after its hash was deleted,
@@ -163,7 +163,9 @@ local function track(wid, now, counters_only)
   return wid
 end
 
-local function record_wait(wid, wait_s)
+-- `joined`: the request also joins its workload's active count now (1; the fast path, which
+-- dispatches it in the call that counts it), or joined it when it was queued (nil).
+local function record_wait(wid, wait_s, joined)
   local w = WS[wid] or wstate(wid)
   local n = w.n or 0
   local ema
@@ -176,6 +178,10 @@ local function record_wait(wid, wait_s)
   w.ema, w.n, w.exists = ema, n + 1, true
   local dirty = w.dirty
   dirty.ema, dirty.n = true, true
+  if joined then
+    w.active = (w.active or 0) + joined
+    dirty.active = true
+  end
 end
 
 local function add_active(wid, delta)

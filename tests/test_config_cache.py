@@ -12,8 +12,8 @@ import pytest
 
 from sidecar import contract
 from sidecar.outcome import ScriptStatus
-from sidecar.store import PoolStore
 from sidecar.state import read_state
+from sidecar.store import PoolStore
 from sidecar.store.connect import connect
 from tests.conftest import Backend, make_config
 

@@ -33,7 +33,7 @@ for i = 2, #ARGV - 1, 2 do new[ARGV[i]] = ARGV[i + 1] end
 local epoch, hold = POOL.epoch, POOL.hold or '0'
 local fresh = not epoch
 if not fresh then
-  for field, n in pairs(POOL) do
+  for field, n in pairs(pool_fields()) do
     if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and n ~= '0' then
       local band = string.sub(field, #BAND_QUEUED + 1)
       local old = band_cfg(band)

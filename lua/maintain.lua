@@ -75,7 +75,7 @@ for _, replica in ipairs(rcall('ZRANGEBYSCORE', K_REPLICAS, '-inf', int(now), 'L
   end
 end
 local reclaiming = {}
-for field, cursor in pairs(POOL) do
+for field, cursor in pairs(pool_fields()) do
   if string.sub(field, 1, #RECLAIM) == RECLAIM then
     reclaiming[#reclaiming + 1] = { string.sub(field, #RECLAIM + 1), tonumber(cursor) }
   end
@@ -141,7 +141,7 @@ end
 
 -- Every queued workload-aware lane, re-ranked by its workload's current counters.
 local wids = {}
-for field, n in pairs(POOL) do
+for field, n in pairs(pool_fields()) do
   if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and n ~= '0' then
     local band = string.sub(field, #BAND_QUEUED + 1)
     local b = band_cfg(band)

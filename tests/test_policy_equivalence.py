@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import Backend, make_config
@@ -162,6 +162,60 @@ operations = st.lists(
     hold_ms=st.sampled_from([0, 0, 0, 15_000, 40_000]),
     every=st.tuples(st.sampled_from([2, 4, 8, 16]), st.sampled_from([2, 5, 1_000_000])),
     mode=st.sampled_from(["requests", "requests", "tokens", "hybrid"]),
+)
+# Found by this property: a maintenance tick that evicted from a band skipped re-ranking its
+# workload-aware lanes (lua/includes/config.lua pool_fields), so a lane keeping the key of a
+# request rate long gone was dispatched after one with a worse head.
+@example(
+    raw_config={
+        "flowControl": {
+            "maxRequests": 0,
+            "maxBytes": 0,
+            "defaultPriorityBand": {
+                "fairnessPolicy": {"type": "global-strict-fairness-policy"},
+                "orderingPolicy": {
+                    "type": "workload-aware-ordering-policy",
+                    "parameters": {
+                        "maxWaitTimeSeconds": 1,
+                        "maxRequestRate": 1,
+                        "agingWeight": 0,
+                        "requestRateWeight": 0.3,
+                    },
+                },
+            },
+            "priorityBands": [],
+        },
+        "workloadRegistry": {"requestRateWindow": "2s", "emaAlpha": 0.3, "idleTimeout": "1h"},
+    },
+    ops=[
+        ("e", 0, 0, 0, flow, wid, crit, 1, ttl, 0, 0, 0)
+        for flow, wid, crit, ttl in [
+            ("a", "", 1, 2000),
+            ("a", "alpha", 1, 2000),
+            ("a", "beta", 1, 2000),
+            ("b", "gamma", 1, 2000),
+            ("b", "delta", 1, 2000),
+            ("b", "", 2, 2000),
+            ("c", "alpha", 2, 2000),
+            ("c", "beta", 2, 2000),
+            ("c", "gamma", 2, 2000),
+            ("d", "delta", 2, 2000),
+            ("d", "", 3, 2000),
+            ("d", "alpha", 3, 2000),
+            ("a", "beta", 3, 2000),
+            ("a", "gamma", 3, 2000),
+            ("a", "delta", 3, 5000),
+            ("b", "", 4, 2000),
+            ("b", "alpha", 4, 2000),
+            ("b", "beta", 4, 2000),
+            ("c", "gamma", 4, 5000),
+            ("c", "delta", 4, 2000),
+        ]
+    ],
+    limit=1,
+    hold_ms=0,
+    every=(2, 5),
+    mode="requests",
 )
 async def test_lua_matches_reference_model(
     backend: Backend,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar import contract
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
 from tests.conftest import Backend, make_config
@@ -252,3 +253,36 @@ async def test_tickets_outlive_the_replica_that_issued_them(backend: Backend) ->
     # Only the tickets' own leases end them.
     await other.maintain(10, force=True, now=60_020)
     assert await inflight_records(other.client, other.prefix) == {}
+
+
+async def test_a_tick_reranks_every_workload_also_when_it_evicted_from_the_band(
+    backend: Backend,
+) -> None:
+    """Maintenance re-ranks every queued workload-aware lane by its workload's counters as they are
+    now, also when the same tick changed its band's counts by evicting an item there (found by
+    the equivalence property: such a tick skipped the band, and a workload's lanes kept the key of
+    a request rate long gone, so a lane with a worse head was dispatched first)."""
+    params = {"requestRateWeight": 0.3, "maxRequestRate": 1, "maxWaitTimeSeconds": 1}
+    cfg = make_config(
+        limit=1,
+        workloadRegistry={"requestRateWindow": "2s"},
+        flowControl={
+            "defaultPriorityBand": {
+                "orderingPolicy": {"type": "workload-aware-ordering-policy", "parameters": params}
+            }
+        },
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    assert (await enq(store, 0, workload="busy")).status is ScriptStatus.DISPATCHED
+    for _ in range(3):  # a request rate that raises the workload's part of the key
+        assert (await enq(store, 0, workload="busy")).status is ScriptStatus.QUEUED
+    await enq(store, 0, workload="brief", flow="g", ttl_ms=100)
+    rank, group = store.key(contract.RANK + "0"), store.key(f"{contract.GROUP}0|busy")
+    ((member, head_part),) = await store.client.zrange(group, 0, 0, withscores=True)
+    assert await store.client.zscore(rank, member) != head_part  # plus the rate's part
+
+    # Ten seconds on the rate window (2 s) is empty: the workload's part of the key is 0. The
+    # tick evicts 'brief' (its band's count changes) and must still re-rank 'busy'.
+    await store.maintain(1000, force=True, now=10_000)
+    assert await store.client.zrange(rank, 0, -1, withscores=True) == [(member, head_part)]

@@ -12,7 +12,8 @@
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
   pool_prefetch(fields, fresh), pool_set(field, value), pool_add(field, delta, floor) -> new,
-  old, pool_int(field) -> number (0 when absent), pool_del(field), flush_pool(), CFG (settings,
+  old, pool_int(field) -> number (0 when absent), pool_del(field), pool_fields() -> every field
+  and its text (a table: loop over it, not over POOL), flush_pool(), CFG (settings,
   filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
   now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
@@ -26,7 +27,8 @@
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
 local init_config, pool_load_all, pool_prefetch, pool_set, pool_int, pool_del,
-  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add
+  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add,
+  pool_fields
 do
   -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
   -- the fields as read (false: read, and absent), so one that changed and changed back (a release
@@ -125,6 +127,16 @@ do
     POOL_DIRTY[field] = true
     POOL_GONE[field] = nil
     return n, was
+  end
+
+  -- Every field and its value as text, for a loop over the whole hash (after pool_load_all).
+  -- Not pairs(POOL): a counter this call changed is kept as a number (pool_add), not among
+  -- POOL's own fields, and such a loop would miss it.
+  function pool_fields()
+    local all = {}
+    for field, value in pairs(POOL) do all[field] = value end
+    for field, n in pairs(PINT) do all[field] = int(n) end
+    return all
   end
 
   function pool_del(field)

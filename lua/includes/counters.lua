@@ -61,7 +61,7 @@ do
     if qb == nil and ST.qn > 0 then
       pool_load_all()
       local found = {}
-      for field, value in pairs(POOL) do
+      for field, value in pairs(pool_fields()) do
         if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and value ~= '0' then
           found[#found + 1] = string.sub(field, #BAND_QUEUED + 1)
         end

@@ -26,6 +26,11 @@ local first = ARGV[3] or ''
 local first_band = nil
 if string.sub(first, 1, 1) == OP_ENQUEUE then first_band = select(2, fields_op_enqueue(first)) end
 if not load_cfg_hot(caller, first_band) then return { S_NO_CONFIG } end
+-- The caller's new held slots are written together, when the call ends (includes/dispatch.lua).
+do
+  local num = rawget(POOL, REPLICA_NUMBER .. caller)
+  if num then grants.defer(num) end
+end
 -- The call's time, read (clock) by the first enqueue.
 local replies, out, now = {}, {}, nil
 local HELD_ID_AT = #OP_RELEASE_HELD + #SEP + 1

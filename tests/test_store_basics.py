@@ -286,3 +286,27 @@ async def test_a_tick_reranks_every_workload_also_when_it_evicted_from_the_band(
     # tick evicts 'brief' (its band's count changes) and must still re-rank 'busy'.
     await store.maintain(1000, force=True, now=10_000)
     assert await store.client.zrange(rank, 0, -1, withscores=True) == [(member, head_part)]
+
+
+async def test_a_batch_releases_the_slots_it_granted_in_the_same_call(backend: Backend) -> None:
+    """batch.lua writes its caller's new held slots with one command when it ends (includes/
+    dispatch.lua grants); a release later in the same call still finds them, named with its
+    workload (the record deleted unread) or not (the record read)."""
+    store = backend.store(make_config(limit=10))
+    await store.configure(now=0)
+    first = await enq(store, 1, workload="w")  # the caller has a number: its grants are deferred
+    second, third = (contract.item_id(int(first.item_id) + n) for n in (1, 2))
+    enqueue = [0, "f", "w", 3, 10, TTL, 0, 0, 0]
+    raw = await store.call_direct(
+        "batch", 2, "r1",
+        contract.batch_op(contract.OP_ENQUEUE, enqueue),
+        contract.batch_op(contract.OP_RELEASE_HELD, [second, 0, "w"]),
+        contract.batch_op(contract.OP_ENQUEUE, enqueue),
+        contract.batch_op(contract.OP_RELEASE, [third]),
+    )  # fmt: skip
+    assert [contract.OP_REPLY.parse(r.decode())["a"] for r in raw[::2]] == [second, third]
+    assert raw[1::2] == [ScriptStatus.DISPATCHED, ScriptStatus.DISPATCHED]
+    assert set(await inflight_records(store.client, store.prefix)) == {first.item_id}
+    pool = await store.client.hgetall(store.key(contract.POOL))
+    assert int(pool[b"inflight"]) == 1
+    assert int(await store.client.hget(store.key("w:w"), "active")) == 1

@@ -8,10 +8,11 @@
   Provides: notify(owner, id, status, wait, caller, out), has_capacity(now), took_capacity(),
   dispatch_item(id, lane, caller, now, out), pick_next() -> id, lane, dispatch_ready(caller, now,
   out), grant_slot(num, owner, id, wid, now, lease, tok),
-  release_held(num, id), release_leased(id), release_item(caller, id, wid, tok) (held by the
-  caller, else leased; `wid` and `tok` the caller's account of its slot, or nil), drop_queued(id, now) -> record or false, reply(status, a, b, out), flush_state()
-  (writes what the call kept in memory: every script that changes state calls it before it
-  returns).
+  grants (the caller's held slots a coalesced call writes at its end), release_held(num, id),
+  release_leased(id), release_item(caller, id, wid, tok) (held by the caller, else leased; `wid`
+  and `tok` the caller's account of its slot, or nil), drop_queued(id, now) -> record or false,
+  reply(status, a, b, out), flush_state() (writes what the call kept in memory: every script
+  that changes state calls it before it returns).
   Needs: contract, config, items, owners, registry, counters, lanes.
 ]]
 -- @include contract
@@ -34,6 +35,43 @@ local function notify(owner, id, status, wait, caller, out)
   end
 end
 
+-- The held slots a coalesced call grants its caller, written with one HSET when the call ends
+-- (flush_state) rather than one each: a command from a script costs more than adding its fields
+-- to another. A release that does not find a slot writes them first and looks again, so nothing
+-- reads the hash without them. init_grants (run by begin_call) forgets what an aborted call left.
+-- grants.defer(num): from now on, defer the grants of owner number `num`; grants.put(num, id,
+-- record); grants.write() -> whether anything was written; grants.write_to(key): the same, if
+-- the grants deferred go to the hash `key`.
+local grants = {}
+local init_grants
+do
+  -- The owner number whose grants wait, and HSET's arguments: the hash key, then id, record...
+  local num_, args, n = nil, nil, 0
+  function init_grants()
+    num_, args, n = nil, nil, 0
+  end
+  function grants.defer(num)
+    num_, args, n = num, { K_HELD .. num }, 1
+  end
+  function grants.put(num, id, record)
+    if num == num_ then
+      args[n + 1], args[n + 2] = id, record
+      n = n + 2
+    else
+      rcall('HSET', K_HELD .. num, id, record)
+    end
+  end
+  function grants.write()
+    if n <= 1 then return false end
+    rcall('HSET', unpack(args, 1, n))
+    args, n = { args[1] }, 1
+    return true
+  end
+  function grants.write_to(key)
+    return args ~= nil and args[1] == key and grants.write()
+  end
+end
+
 -- Puts `id` in flight. Lease 0: the replica (owner number `num`, id `owner`) holds the slot.
 -- Otherwise a ticket does (a gateway, not the replica): only its lease or a release ends it, so a
 -- replica that stops or dies does not take back tickets that are still in use.
@@ -42,7 +80,7 @@ local function grant_slot(num, owner, id, wid, now, lease, tok)
     rcall('HSET', K_LEASED, id, encode_leased(owner, wid, now, tok))
     rcall('ZADD', K_LEASES, int(now + lease), id)
   else
-    rcall('HSET', K_HELD .. num, id, encode_held(wid, now, tok))
+    grants.put(num, id, encode_held(wid, now, tok))
   end
   -- Into the pool's in-flight count, and its tokens.
   stat_add('inflight', 1)
@@ -161,6 +199,7 @@ end
 -- and out of the counts. Returns true, or false when the hash holds no such slot.
 local function take_slot(key, id, leased)
   local raw = rcall('HGET', key, id)
+  if not raw and grants.write_to(key) then raw = rcall('HGET', key, id) end
   if not raw then return false end
   rcall('HDEL', key, id)
   local wid, tok
@@ -199,7 +238,8 @@ local function release_item(caller, id, wid, tok)
   if num then
     -- (Every caller read the flag with the counters, if it is set: rawget, not POOL's __index.)
     if wid and not rawget(POOL, ANON_FALLBACK) then
-      if rcall('HDEL', K_HELD .. num, id) == 1 then
+      local key = K_HELD .. num
+      if rcall('HDEL', key, id) == 1 or (grants.write_to(key) and rcall('HDEL', key, id) == 1) then
         free_slot(wid, tok)
         return true
       end
@@ -217,6 +257,7 @@ local function reply(status, a, b, out)
 end
 
 local function flush_state()
+  grants.write()
   -- With nothing queued or in flight, no item counted as anonymous for want of room in the
   -- registry is left (contract.ANON_FALLBACK). Only a call that read the flag looks.
   if rawget(POOL, ANON_FALLBACK) and ST.qn == 0 and ST.inflight == 0 then

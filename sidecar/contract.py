@@ -101,6 +101,7 @@ POOL_LAYOUT_NOTE = (
 # number and deleted when it is reclaimed (then the hash goes with its last slot): a replica holds
 # tens of slots, and every admission finds or adds one, each a scan of the hash in a listpack.
 # Readers of a held hash skip it (a hash written before it existed may lack it).
+
 # Set ('1') while an item may be queued or in flight that the pool counts as anonymous although
 # its request named a workload (the pool tracked workloadRegistry's cap of workloads already):
 # its replica knows it by the name, so a release naming the slot's workload (OP_RELEASE_HELD)

@@ -9,8 +9,8 @@
   has no other reason to read its workload only sends its decrement (HINCRBY) at the flush.
   Provides: init_registry() (run by begin_call), wkey(wid), rate_from(bi, c, p, now), count_request(wid, now),
   track(wid, now, counters_only),
-  record_wait(wid, wait_s, joined), add_active(wid, delta), workload_done(wid), workload_metrics(wid,
-  now) -> ema, rate, wstate(wid, counters_only) -> the cached state, groups_of(wid) -> { suffix = best },
+  record_wait(wid, wait_s, joined), add_active(wid, delta), workload_done(wid),
+  workload_metrics(wid, now) -> ema, rate, wstate(wid, counters_only) -> the cached state, groups_of(wid) -> { suffix = best },
   group_set(wid, suffix, best or nil) with best = { key, member }, compact_workload(wid),
   forget_workload(wid) after its hash was deleted,
   flush_workloads().

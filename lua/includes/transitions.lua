@@ -7,8 +7,9 @@
   They keep counters in memory (includes/counters.lua, includes/registry.lua): the script that
   runs them calls flush_state() before it returns.
   Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo, out),
-  op_release(override, caller, id, out, wid, tok), where `out` is an empty list the outcomes go into (the
-  caller's, so a coalesced call makes a new one only after one was used).
+  op_release(override, caller, id, out, wid, tok), where `out` is an empty list the outcomes go
+  into (the caller's, so a coalesced call makes a new one only after one was used) and `wid`,
+  `tok` the caller's account of its slot, or nil.
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
 -- @include contract

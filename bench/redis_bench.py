@@ -41,7 +41,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from bench.report import Row, markdown_table
 from sidecar.config import Config, load_config
-from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE_HELD, POOL, SEP, batch_op
+from sidecar.contract import DELIVERY, OP_ENQUEUE, OP_RELEASE_HELD, POOL, SEP, batch_ops
 from sidecar.controller import Admission, FlowController
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
@@ -679,10 +679,10 @@ class LoadDriver:
         sent = [self.enqueue_args() for _ in range(k)]
         replies: list[Any]
         if kind.endswith("-batch"):
-            ops = [batch_op(OP_RELEASE_HELD, release) for release in releases]
-            ops += [batch_op(OP_ENQUEUE, enqueue) for enqueue in sent]
+            ops: list[tuple[str, Sequence[object]]] = [(OP_RELEASE_HELD, r) for r in releases]
+            ops += [(OP_ENQUEUE, enqueue) for enqueue in sent]
             replies = await self.client.fcall(
-                function_name("batch"), 1, self.prefix, "", replica, *ops
+                function_name("batch"), 1, self.prefix, "", replica, batch_ops(ops)
             )
             # An enqueue's reply with no outcomes is one string (contract.OP_REPLY), a release's
             # its status alone.

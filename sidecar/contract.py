@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
 
 # --- Keys -------------------------------------------------------------------------------------
 # Every key of a pool starts with the prefix 'as:{<pool>}:' (sidecar/keys.py pool_prefix), which
@@ -345,9 +347,11 @@ BAND_CONFIG = _record(
 )
 # What reconcile.lua did: in-flight items released, held slots re-added, queued items dropped.
 RECONCILED = _record("reconciled", "released:i readded:i dropped:i")
-# A coalesced operation, one argument of batch.lua each (one argument per operation, not one per
-# field: Redis turns each argument into a Lua string, which costs more than matching one record).
-# Tags are one character: batch.lua tells operations apart by the first.
+# A coalesced operation: its tag, then its fields, in these orders. batch.lua takes every
+# operation of a call in one argument: all their values one after another as one MessagePack
+# stream (batch_ops), which Redis's cmsgpack decodes in one C call into Lua strings and numbers
+# (a string.match of a '|'-separated record costs several times more, and an argument per
+# operation or per field costs a Lua string each). Tags are one character.
 OP_ENQUEUE, OP_RELEASE, OP_RELEASE_HELD = "e", "r", "h"
 BATCH_ENQUEUE = _record(
     "op_enqueue", "op:s band:s flow:s wid:s crit:i bytes:i ttl:i lease:i tok:i slo:i"
@@ -357,8 +361,6 @@ BATCH_RELEASE = _record("op_release", "op:s id:s")
 # and the tokens. The pool then only deletes the slot's record (whether it existed says whether
 # the slot was held) instead of reading it first; it takes them on trust unless ANON_FALLBACK is
 # set, and reads the record then.
-# batch.lua reads it by position, without matching it (a string.match costs more than the rest of
-# a release): the id is ID_WIDTH characters, the workload id (which never holds SEP) is last.
 BATCH_RELEASE_HELD = _record("op_release_held", "op:s id:s tok:i wid:s")
 # A coalesced enqueue's reply that carries no outcome of another item (the common one): its
 # status and two fields, one string, where a reply with outcomes is a list as the script's own.
@@ -366,25 +368,46 @@ BATCH_RELEASE_HELD = _record("op_release_held", "op:s id:s tok:i wid:s")
 # release's reply with no outcome is its status alone, an integer (the caller knows the id).
 OP_REPLY = _record("op_reply", "status:i a:s b:s")
 RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED, OP_REPLY)
-# Read by Lua field by field (fields_<name>), written only by Python. Releases are read by
-# position: batch.lua takes a plain release's id as what follows the tag and SEP.
-OPERATIONS = (BATCH_ENQUEUE,)
-# Read by Lua field by field too, where no table of the fields is wanted (a held slot's record,
-# read by every release).
-FIELD_READS = (*OPERATIONS, HELD_RECORD)
-
-
-_OPERATION_RECORDS = {
+# batch.lua's operations, by tag: Lua reads each one's fields by position from the decoded
+# values (fields_<name>(values, at), generated), so no field is text to parse.
+OPERATIONS = {
     OP_ENQUEUE: BATCH_ENQUEUE,
     OP_RELEASE: BATCH_RELEASE,
     OP_RELEASE_HELD: BATCH_RELEASE_HELD,
 }
+# Read by Lua field by field from a '|'-separated record, where no table of the fields is wanted
+# (a held slot's record, read by every release that is not taken on trust).
+FIELD_READS = (HELD_RECORD,)
+
+# Each operation's fields (its tag left out) as MessagePack should carry them: text or integer.
+_WIRE: dict[str, Callable[[Any], object]] = {"s": str, "i": int}
+_FIELD_TYPES = {
+    tag: tuple(_WIRE[f.kind] for f in record.fields[1:]) for tag, record in OPERATIONS.items()
+}
+_PACK = msgspec.msgpack.Encoder().encode
 
 
-def batch_op(kind: str, args: Sequence[object]) -> str:
-    """One batch.lua operation: OP_ENQUEUE with enqueue.lua's fields after the time and the
-    caller, OP_RELEASE with the item id, OP_RELEASE_HELD with the id, tokens and workload."""
-    return _OPERATION_RECORDS[kind].encode(kind, *args)
+def batch_ops(ops: Iterable[tuple[str, Sequence[object]]]) -> bytes:
+    """batch.lua's operations argument: OP_ENQUEUE with enqueue.lua's fields after the time and
+    the caller, OP_RELEASE with the item id, OP_RELEASE_HELD with the id, tokens and workload."""
+    values: list[object] = []
+    for kind, args in ops:
+        types = _FIELD_TYPES[kind]
+        if len(args) != len(types):
+            names = OPERATIONS[kind].names()[1:]
+            raise ValueError(f"{OPERATIONS[kind].name}: {len(args)} fields, expected {names}")
+        values.append(kind)
+        values += [make(a) for make, a in zip(types, args)]  # noqa: B905 (lengths checked)
+    return msgpack_stream(values)
+
+
+def msgpack_stream(values: list[object]) -> bytes:
+    """The values as one MessagePack stream: one after another, not in an array (cmsgpack's
+    unpack then returns them all). A list's encoding is its header (1, 3 or 5 bytes, by length)
+    followed by exactly that."""
+    n = len(values)
+    header = 1 if n < 16 else 3 if n < 1 << 16 else 5
+    return _PACK(values)[header:]
 
 
 def split_best(raw: str) -> tuple[float, str]:

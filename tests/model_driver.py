@@ -220,12 +220,12 @@ class Run:
         assert renewed == self.model.renew(self.now, iid, lease), f"{self.where}: renew"
 
     async def batch(self, caller: str, subops: list[tuple[Any, ...]]) -> None:
-        flat: list[object] = []
+        flat: list[tuple[str, list[Any]]] = []
         expected = []
         released: list[str] = []  # each operation's item id ('' for an enqueue)
         for sub in subops:
             if sub[0] == "e":
-                flat.append(contract.batch_op(contract.OP_ENQUEUE, sub[1:]))
+                flat.append((contract.OP_ENQUEUE, list(sub[1:])))
                 released.append("")
                 expected.append(self.model.enqueue(self.now, caller, *sub[1:]))
                 self._own(caller, expected[-1][0], sub[1:])
@@ -236,14 +236,15 @@ class Run:
                 self.held.remove(iid)
                 if sub[1] % 2 == 0:
                     wid, tokens = self.account[iid]
-                    flat.append(contract.batch_op(contract.OP_RELEASE_HELD, [iid, tokens, wid]))
+                    flat.append((contract.OP_RELEASE_HELD, [iid, tokens, wid]))
                 else:
-                    flat.append(contract.batch_op(contract.OP_RELEASE, [iid]))
+                    flat.append((contract.OP_RELEASE, [iid]))
                 expected.append(self.model.release(self.now, caller, iid))
                 released.append(iid)
         if not flat:
             return
-        raw = await self.stores[caller].call_direct("batch", self.now, caller, *flat)
+        ops = contract.batch_ops(flat)
+        raw = await self.stores[caller].call_direct("batch", self.now, caller, ops)
         seen = [_observed(_script_reply(r, iid)) for r, iid in zip(raw, released, strict=True)]
         await self.compare_call(caller, seen, expected)
 

@@ -169,9 +169,9 @@ async def test_a_release_naming_its_slot_deletes_the_record_without_reading_it(
         assert await hget_calls(client) == (0, 1)
         await store.release(ids[1], now=20)
         assert await hget_calls(client) == (1, 2)
-        ops = [contract.batch_op(contract.OP_RELEASE_HELD, [i, 0, "w"]) for i in ids[2:]]
+        ops = contract.batch_ops((contract.OP_RELEASE_HELD, [i, 0, "w"]) for i in ids[2:])
         await client.config_resetstat()
-        raw = await store.call_direct("batch", 30, "r1", *ops)
+        raw = await store.call_direct("batch", 30, "r1", ops)
         # A coalesced release's reply with no outcome is its status alone.
         assert raw == [ScriptStatus.DISPATCHED, ScriptStatus.DISPATCHED]
         assert await hget_calls(client) == (0, 2)

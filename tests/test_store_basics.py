@@ -299,10 +299,12 @@ async def test_a_batch_releases_the_slots_it_granted_in_the_same_call(backend: B
     enqueue = [0, "f", "w", 3, 10, TTL, 0, 0, 0]
     raw = await store.call_direct(
         "batch", 2, "r1",
-        contract.batch_op(contract.OP_ENQUEUE, enqueue),
-        contract.batch_op(contract.OP_RELEASE_HELD, [second, 0, "w"]),
-        contract.batch_op(contract.OP_ENQUEUE, enqueue),
-        contract.batch_op(contract.OP_RELEASE, [third]),
+        contract.batch_ops([
+            (contract.OP_ENQUEUE, enqueue),
+            (contract.OP_RELEASE_HELD, [second, 0, "w"]),
+            (contract.OP_ENQUEUE, enqueue),
+            (contract.OP_RELEASE, [third]),
+        ]),
     )  # fmt: skip
     assert [contract.OP_REPLY.parse(r.decode())["a"] for r in raw[::2]] == [second, third]
     assert raw[1::2] == [ScriptStatus.DISPATCHED, ScriptStatus.DISPATCHED]

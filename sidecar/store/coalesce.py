@@ -22,7 +22,7 @@ MAX_BATCH = 128
 # Two batches on the wire: one executing in Redis while the next is encoded or decoded here.
 MAX_IN_FLIGHT = 2
 
-Operation = tuple[str, list[str]]  # (tag, fields): contract.OP_* and the fields of its record
+Operation = tuple[str, list[object]]  # (tag, fields): contract.OP_* and the fields of its record
 Sender = Callable[[Sequence[Operation]], Awaitable[list[Any]]]
 
 

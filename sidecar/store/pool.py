@@ -322,8 +322,7 @@ class PoolStore:
         whoever awaits it does not stop the call or lose its reply. Flow and workload must
         already be escaped (sidecar.keys.escape_id). ``direct`` skips coalescing and the
         recovery hook (recovery's own re-enqueues)."""
-        fields = (band, flow, workload, criticality, byte_size, ttl_ms, lease_ms, tokens, slo_ms)
-        args = [str(x) for x in fields]
+        args = [band, flow, workload, criticality, byte_size, ttl_ms, lease_ms, tokens, slo_ms]
         if self._coalescer is not None and now is None and not direct:
             return self._coalescer.submit((contract.OP_ENQUEUE, args))
         call = self.call_direct if direct else self._call
@@ -336,15 +335,20 @@ class PoolStore:
         ``held``: the escaped workload and the tokens this replica enqueued the request with,
         when it holds the slot (contract.BATCH_RELEASE_HELD: the pool then deletes the slot's
         record without reading it first)."""
-        kind, args = contract.OP_RELEASE, [item_id]
+        args: list[object] = [item_id]
+        kind = contract.OP_RELEASE
         if held is not None:
-            kind, args = contract.OP_RELEASE_HELD, [item_id, str(held[1]), held[0]]
+            kind, args = contract.OP_RELEASE_HELD, [item_id, held[1], held[0]]
         if self._coalescer is not None and now is None:
             return self._coalescer.submit((kind, args))
         return asyncio.ensure_future(self._single("release", self._call, now, args))
 
     async def _single(
-        self, name: str, call: Callable[..., Awaitable[list[Any]]], now: int | None, args: list[str]
+        self,
+        name: str,
+        call: Callable[..., Awaitable[list[Any]]],
+        now: int | None,
+        args: list[object],
     ) -> ScriptReply:
         return self._reply(await call(name, now, self.replica_id, *args))
 
@@ -363,10 +367,9 @@ class PoolStore:
             ((kind, args),) = ops
             name = "enqueue" if kind == contract.OP_ENQUEUE else "release"
             return [self._reply(await self._call(name, None, self.replica_id, *args))]
-        packed = [contract.batch_op(kind, args) for kind, args in ops]
-        raw = await self._call("batch", None, self.replica_id, *packed)
+        raw = await self._call("batch", None, self.replica_id, contract.batch_ops(ops))
         # (A release's reply may be its status alone: it is given the id it released.)
-        return [self._reply(r, args[0]) for r, (_, args) in zip(raw, ops, strict=True)]
+        return [self._reply(r, str(args[0])) for r, (_, args) in zip(raw, ops, strict=True)]
 
     async def cancel(
         self, item_id: str, reason: ScriptStatus, now: int | None = None

@@ -155,7 +155,8 @@ _HEADER = """--[[
   codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
   ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
   (tonumber, small integers remembered: SMALL_NUMBER, SMALL_TEXT); split;
-  encode_<record>(...) and parse_<record>(raw); fields_<operation>(raw) -> its fields.
+  encode_<record>(...) and parse_<record>(raw); fields_<record>(raw) -> its fields;
+  fields_<operation>(values, at) -> its fields, OP_ARITY[tag] -> its values, tag included.
   Needs: nothing.
 ]]
 local rcall
@@ -306,6 +307,21 @@ def _fields_lua(record: contract.Record) -> str:
     return f"{head}{_match_lua(record)}  return {listed}\nend\n"
 
 
+def _names_used_by_scripts() -> set[str]:
+    """Every name the hand-written scripts and includes mention (comments too: that only keeps
+    more)."""
+    lua = _lua_dir()
+    texts = [p.read_text() for p in (*lua.glob("*.lua"), *(lua / "includes").glob("*.lua"))]
+    return set(re.findall(r"\w+", "".join(texts)))
+
+
+def _operation_lua(record: contract.Record) -> str:
+    """fields_<operation>(v, at): the fields (tag left out) of the operation whose tag is v[at],
+    in a list of decoded values (lua/includes/operations.lua)."""
+    listed = ", ".join(f"v[at + {i}]" for i in range(1, len(record.fields)))
+    return f"local function fields_{record.name}(v, at) return {listed} end\n"
+
+
 @cache
 def contract_lua() -> str:
     """The ``contract`` include, generated from sidecar/contract.py."""
@@ -371,9 +387,19 @@ def contract_lua() -> str:
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
     lines.append(_HELPERS % (SMALL_INTS, contract.ID_WIDTH - 3, _lua_string(contract.SEP)))
+    # Only the codecs some script uses: each is a local of the library's main chunk, which Lua
+    # 5.1 allows 200 (see library()).
+    used = _names_used_by_scripts()
     for record in contract.RECORDS:
-        lines += [_encode_lua(record), _parse_lua(record)]
+        codecs = ((f"encode_{record.name}", _encode_lua), (f"parse_{record.name}", _parse_lua))
+        lines += [make(record) for name, make in codecs if name in used]
     lines += [_fields_lua(record) for record in contract.FIELD_READS]
+    lines += [_operation_lua(r) for r in contract.OPERATIONS.values() if f"fields_{r.name}" in used]
+    # Values per operation, its tag included.
+    arity = ", ".join(
+        f"[{_lua_string(t)}] = {len(r.fields)}" for t, r in contract.OPERATIONS.items()
+    )
+    lines.append(f"local OP_ARITY = {{ {arity} }}\n")
     lines.append(_BEST)
     return "".join(lines)
 

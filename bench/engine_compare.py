@@ -8,12 +8,15 @@ other, each in a child process with its own redis-server, through the bench code
 noise hits both alike; the figures are medians over the rounds.
 
     python -m bench.engine_compare [--baseline REV] [--rounds N] [--seconds S] [--quick]
-                                   [--instructions]
+                                   [--instructions] [--sequential]
 
 CPU time on a shared machine (a VM whose neighbours take its cores) moves by tens of percent
 from run to run, for both engines. ``--instructions`` adds a figure that does not: the machine
 instructions Redis executes per admission, counted by valgrind's callgrind on a redis-server of
 its own, for the same request mix, one engine after the other (exact, so one round is enough).
+``--sequential`` adds CPU time measured as the instructions are, with one client stepping the
+pools (no load processes contending with Redis for the cores): steadier than the load rounds,
+and unlike the instruction count it charges what memory stalls cost (docs/scaling.md).
 
 Needs the repository's git history (a clone, not an export); without it the script says so and
 exits 2.
@@ -58,6 +61,49 @@ async def main(seconds, kinds):
         server.stop()
 
 asyncio.run(main(float(sys.argv[1]), sys.argv[2:]))
+"""
+
+
+# Run in a tree's root: Redis CPU (user + system, main thread) per admission for each kind, with
+# one client stepping two pools in turn, as the instruction count does: Redis works only while
+# the client waits for it, so nothing contends for the cores and rounds agree far better than
+# load rounds do.
+_SEQUENTIAL_CHILD = """
+import asyncio, json, sys
+from redis.asyncio import Redis
+from bench.redis_bench import LoadDriver, LoadSpec
+from tests.redis_proc import RedisProcess
+
+async def cpu_s(client):
+    i = await client.info("cpu")
+    return float(i["used_cpu_user_main_thread"]) + float(i["used_cpu_sys_main_thread"])
+
+async def main(steps, kinds):
+    server = RedisProcess().start()
+    client = Redis.from_url(server.url)
+    try:
+        result = {}
+        for kind in kinds:
+            specs = [LoadSpec("", kind, f"sq-{kind}-{j}", f"sq-{j}", 64, 7 * j) for j in range(2)]
+            drivers = [LoadDriver(client, spec) for spec in specs]
+            for d in drivers:
+                await d.prepare()
+            for _ in range(5):
+                for d in drivers:
+                    await d.step()
+            made, before = sum(d.made for d in drivers), await cpu_s(client)
+            for _ in range(steps):
+                for d in drivers:
+                    await d.step()
+            spent = await cpu_s(client) - before
+            result[kind] = spent * 1e6 / (sum(d.made for d in drivers) - made)
+            await client.flushall()
+        print(json.dumps(result))
+    finally:
+        await client.aclose()
+        server.stop()
+
+asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
 """
 
 
@@ -165,6 +211,12 @@ def cpu_round(root: Path, seconds: float) -> dict[str, float]:
     return figures
 
 
+def sequential_round(root: Path, steps: int) -> dict[str, float]:
+    out = _run(root, ["-c", _SEQUENTIAL_CHILD, str(steps), *KINDS], timeout=600)
+    figures: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return figures
+
+
 def instructions_round(root: Path, steps: int) -> dict[str, float]:
     """Redis instructions per admission of each kind, in the tree ``root`` (callgrind)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -188,6 +240,8 @@ class Comparison:
     commands: dict[str, dict[str, float]]  # engine -> path -> commands per admission
     # engine -> kind -> Redis instructions per admission (callgrind), when asked for
     instructions: dict[str, dict[str, float]] | None = None
+    # engine -> kind -> µs per admission, one client and nothing contending, when asked for
+    sequential: dict[str, dict[str, list[float]]] | None = None
 
     def us(self, engine: str, kind: str) -> float:
         return statistics.median(self.rounds[engine][kind])
@@ -211,6 +265,19 @@ class Comparison:
         for path in ("fast", "queued"):
             old_n, new_n = self.commands["old"].get(path), self.commands["new"].get(path)
             lines.append(f"| {path} | {old_n} | {new_n} |")
+        if self.sequential is not None:
+            seq = self.sequential
+            lines += [
+                "",
+                "Redis CPU per admission, one client stepping the pools, nothing contending "
+                f"(median of {len(seq['new'][KINDS[0]])} alternating rounds):",
+                "",
+                "| load | before µs/adm | after µs/adm | after / before |",
+                "|---|---:|---:|---:|",
+            ]
+            for kind in KINDS:
+                old_s, new_s = (statistics.median(seq[e][kind]) for e in ("old", "new"))
+                lines.append(f"| {kind} | {old_s:.1f} | {new_s:.1f} | {new_s / old_s:.2f} |")
         if self.instructions is not None:
             lines += [
                 "",
@@ -227,15 +294,28 @@ class Comparison:
         return "\n".join(lines)
 
 
-def compare(baseline: str, rounds: int, seconds: float, instruction_steps: int = 0) -> Comparison:
-    """``instruction_steps`` > 0: also count instructions over that many steps per kind."""
+def compare(
+    baseline: str,
+    rounds: int,
+    seconds: float,
+    instruction_steps: int = 0,
+    sequential_steps: int = 0,
+) -> Comparison:
+    """``instruction_steps`` > 0: also count instructions over that many steps per kind;
+    ``sequential_steps`` > 0: also measure CPU with one client over that many, each round."""
     with tempfile.TemporaryDirectory(prefix="engine-baseline-") as tmp:
         roots = {"old": unpack(baseline, Path(tmp)), "new": ROOT}
         figures: dict[str, dict[str, list[float]]] = {e: {k: [] for k in KINDS} for e in roots}
+        sequential: dict[str, dict[str, list[float]]] | None = None
+        if sequential_steps > 0:
+            sequential = {e: {k: [] for k in KINDS} for e in roots}
         for _ in range(rounds):
             for engine, root in roots.items():
                 for kind, us in cpu_round(root, seconds).items():
                     figures[engine][kind].append(us)
+                if sequential is not None:
+                    for kind, us in sequential_round(root, sequential_steps).items():
+                        sequential[engine][kind].append(us)
         commands = {engine: command_counts(root) for engine, root in roots.items()}
         instructions = None
         if instruction_steps > 0:
@@ -243,7 +323,7 @@ def compare(baseline: str, rounds: int, seconds: float, instruction_steps: int =
                 engine: instructions_round(root, instruction_steps)
                 for engine, root in roots.items()
             }
-    return Comparison(figures, commands, instructions)
+    return Comparison(figures, commands, instructions, sequential)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,11 +337,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also count Redis instructions per admission with valgrind's callgrind (exact)",
     )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also measure Redis CPU with one client stepping the pools (steadier than load)",
+    )
     args = parser.parse_args(argv)
     rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
     steps = (2 if args.quick else 10) if args.instructions else 0
+    sequential_steps = (5 if args.quick else 150) if args.sequential else 0
     try:
-        result = compare(args.baseline, rounds, seconds, steps)
+        result = compare(args.baseline, rounds, seconds, steps, sequential_steps)
     except CompareError as exc:
         print(f"engine_compare: {exc}", file=sys.stderr)
         return 2

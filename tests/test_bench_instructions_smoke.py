@@ -1,5 +1,6 @@
-"""The exact half of bench/engine_compare.py (Redis instructions per admission, counted by
-valgrind's callgrind) runs end to end on this tree, so its code cannot rot."""
+"""The single-client halves of bench/engine_compare.py (Redis instructions per admission,
+counted by valgrind's callgrind, and Redis CPU per admission with one client) run end to end on
+this tree, so their code cannot rot."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import pytest
 
-from bench.engine_compare import KINDS, ROOT, instructions_round
+from bench.engine_compare import KINDS, ROOT, instructions_round, sequential_round
 
 
 @pytest.mark.redis
@@ -19,3 +20,11 @@ def test_instruction_counts_are_positive_and_batching_amortizes_the_call() -> No
     # One call for 64 admissions costs less per admission than two calls for one.
     assert counts["fast-batch"] < counts["fast"]
     assert counts["queued-batch"] < counts["queued"]
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_sequential_cpu_is_measured_for_every_kind() -> None:
+    figures = sequential_round(ROOT, 2)
+    assert sorted(figures) == sorted(KINDS)
+    assert all(math.isfinite(us) and us > 0 for us in figures.values()), figures

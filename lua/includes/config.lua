@@ -119,8 +119,18 @@ do
   -- counters many times), and read through POOL's __index from now on, which formats it.
   function pool_add(field, delta, floor)
     local was = PINT[field]
-    if not was then was = tonum(POOL[field]) or 0 end
-    local n = was + delta
+    local n
+    if was then
+      -- Changed by this call already: only the number moves (see pool_set and pool_del, the
+      -- only others that touch PINT). A call changes a counter many times; assigning nil to a
+      -- key a table lacks makes Lua add it.
+      n = was + delta
+      if floor and n < 0 then n = 0 end
+      PINT[field] = n
+      return n, was
+    end
+    was = tonum(POOL[field]) or 0
+    n = was + delta
     if floor and n < 0 then n = 0 end
     POOL[field] = nil
     PINT[field] = n

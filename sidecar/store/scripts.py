@@ -183,7 +183,8 @@ do
     if text then return text end
     if x == last_int then return last_int_text end
     text = string.format('%%d', x)
-    if small(x) then
+    -- small(x), inline (x is a number: format took it), large first: most that get here are.
+    if x < %d and x >= 0 and x %% 1 == 0 then
       small_text[x], SMALL_NUMBER[text] = text, x
     else
       last_int, last_int_text = x, text
@@ -386,7 +387,9 @@ def contract_lua() -> str:
     lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
-    lines.append(_HELPERS % (SMALL_INTS, contract.ID_WIDTH - 3, _lua_string(contract.SEP)))
+    lines.append(
+        _HELPERS % (SMALL_INTS, SMALL_INTS, contract.ID_WIDTH - 3, _lua_string(contract.SEP))
+    )
     # Only the codecs some script uses: each is a local of the library's main chunk, which Lua
     # 5.1 allows 200 (see library()).
     used = _names_used_by_scripts()

@@ -64,14 +64,33 @@ asyncio.run(main(float(sys.argv[1]), sys.argv[2:]))
 """
 
 
+# The single-client children's pools: two of 64 admissions per step, each stepped in turn, prepared
+# and warmed by `warm` steps (run in the child's tree, through that tree's own bench code).
+_TWO_POOLS = """
+import asyncio
+from bench.redis_bench import LoadDriver, LoadSpec
+
+async def ready_drivers(client, kind, tag, warm):
+    specs = [LoadSpec("", kind, f"{tag}-{kind}-{j}", f"{tag}-{j}", 64, 7 * j) for j in range(2)]
+    drivers = [LoadDriver(client, spec) for spec in specs]
+    for d in drivers:
+        await d.prepare()
+    for _ in range(warm):
+        for d in drivers:
+            await d.step()
+    return drivers
+"""
+
+
 # Run in a tree's root: Redis CPU (user + system, main thread) per admission for each kind, with
 # one client stepping two pools in turn, as the instruction count does: Redis works only while
 # the client waits for it, so nothing contends for the cores and rounds agree far better than
 # load rounds do.
-_SEQUENTIAL_CHILD = """
-import asyncio, json, sys
+_SEQUENTIAL_CHILD = (
+    _TWO_POOLS
+    + """
+import json, sys
 from redis.asyncio import Redis
-from bench.redis_bench import LoadDriver, LoadSpec
 from tests.redis_proc import RedisProcess
 
 async def cpu_s(client):
@@ -84,13 +103,7 @@ async def main(steps, kinds):
     try:
         result = {}
         for kind in kinds:
-            specs = [LoadSpec("", kind, f"sq-{kind}-{j}", f"sq-{j}", 64, 7 * j) for j in range(2)]
-            drivers = [LoadDriver(client, spec) for spec in specs]
-            for d in drivers:
-                await d.prepare()
-            for _ in range(5):
-                for d in drivers:
-                    await d.step()
+            drivers = await ready_drivers(client, kind, "sq", 5)
             made, before = sum(d.made for d in drivers), await cpu_s(client)
             for _ in range(steps):
                 for d in drivers:
@@ -105,14 +118,16 @@ async def main(steps, kinds):
 
 asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
 """
+)
 
 
 # Run in a tree's root: Redis instructions per admission for each kind, counted by callgrind on a
 # redis-server of its own: counters zeroed after a warm-up, dumped after `steps` steps.
-_INSTRUCTIONS_CHILD = """
-import asyncio, glob, json, os, re, socket, subprocess, sys, tempfile
+_INSTRUCTIONS_CHILD = (
+    _TWO_POOLS
+    + """
+import glob, json, os, re, socket, subprocess, sys, tempfile
 from redis.asyncio import Redis
-from bench.redis_bench import LoadDriver, LoadSpec
 
 def free_port():
     with socket.socket() as s:
@@ -138,13 +153,7 @@ async def main(steps, kinds):
                 await asyncio.sleep(0.1)
         result = {}
         for kind in kinds:
-            specs = [LoadSpec("", kind, f"cg-{kind}-{j}", f"cg-{j}", 64, 7 * j) for j in range(2)]
-            drivers = [LoadDriver(client, spec) for spec in specs]
-            for d in drivers:
-                await d.prepare()
-            for _ in range(3):
-                for d in drivers:
-                    await d.step()
+            drivers = await ready_drivers(client, kind, "cg", 3)
             control(server.pid, "-z")
             await client.ping()  # wakes the server, which then takes the command
             made = sum(d.made for d in drivers)
@@ -177,6 +186,7 @@ async def main(steps, kinds):
 
 asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
 """
+)
 
 
 class CompareError(RuntimeError):

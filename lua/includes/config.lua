@@ -11,7 +11,7 @@
   failover) can make the cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
-  pool_prefetch(fields, fresh), pool_set(field, value), pool_add(field, delta, floor) -> new,
+  pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value), pool_add(field, delta, floor) -> new,
   old, pool_int(field) -> number (0 when absent), pool_del(field), pool_fields() -> every field
   and its text (a table: loop over it, not over POOL), flush_pool(), CFG (settings,
   filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
@@ -26,15 +26,20 @@
 -- POOL and CFG, and the functions this include provides, are shared; the rest is private to
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
-local init_config, pool_load_all, pool_prefetch, pool_set, pool_int, pool_del,
+local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, pool_int, pool_del,
   pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add,
   pool_fields
 do
-  -- State of one call, set afresh by init_config (each call runs begin_call first). POOL_READ:
+  -- State of one call, emptied by init_config (each call runs begin_call first; the tables are
+  -- kept, see clear in the contract include). POOL_READ:
   -- the fields as read (false: read, and absent), so one that changed and changed back (a release
   -- that dispatches) is not written. POOL_ALL: every field read.
   -- PINT: integer fields set as numbers (pool_add), formatted once, when written.
-  local POOL_READ, POOL_DIRTY, POOL_GONE, PINT, POOL_ALL, BANDS, NOW
+  local POOL_READ, POOL_DIRTY, POOL_GONE, PINT = {}, {}, {}, {}
+  local POOL_ALL, BANDS, NOW
+  -- Scratch lists, kept between calls: what a prefetch reads, and the flush's HSET arguments
+  -- (each used with its length, so what a longer earlier use left past it is never read).
+  local WANT, ARGS, HOT_FIELDS, THESE = {}, {}, {}, {}
   local function fetch_field(t, field)
     local n = PINT[field]
     if n then return int(n) end
@@ -52,7 +57,12 @@ do
   local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
 
   function init_config()
-    POOL, POOL_READ, POOL_DIRTY, POOL_GONE, PINT = setmetatable({}, POOL_META), {}, {}, {}, {}
+    -- (Made by the first call: the library's top level runs without setmetatable.)
+    if POOL then clear(POOL) else POOL = setmetatable({}, POOL_META) end
+    clear(POOL_READ)
+    clear(POOL_DIRTY)
+    clear(POOL_GONE)
+    clear(PINT)
     POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
   end
 
@@ -75,14 +85,15 @@ do
     POOL_ALL = true
   end
 
-  -- Reads the fields not read yet in one HMGET. `fresh`: the call has read and changed nothing
-  -- yet (so every field is wanted).
-  function pool_prefetch(fields, fresh)
+  -- Reads the fields not read yet in one HMGET: the first `count` of `fields` (all when nil).
+  -- `fresh`: the call has read and changed nothing yet (so every field is wanted).
+  function pool_prefetch(fields, fresh, count)
     if POOL_ALL then return end
-    local want, n = fields, #fields
+    local want, n = fields, count or #fields
     if not fresh then
-      want, n = {}, 0
-      for i = 1, #fields do
+      local all = n
+      want, n = WANT, 0
+      for i = 1, all do
         local field = fields[i]
         -- untouched(field), inline: this runs for every field of every prefetch.
         if POOL_READ[field] == nil and not POOL_DIRTY[field] and not POOL_GONE[field] then
@@ -92,12 +103,19 @@ do
       end
     end
     if n == 0 then return end
-    local v = rcall('HMGET', K_POOL, unpack(want))
+    local v = rcall('HMGET', K_POOL, unpack(want, 1, n))
     for i = 1, n do
       local field, value = want[i], v[i]
       POOL_READ[field] = value
       if value then POOL[field] = value end
     end
+  end
+
+  -- pool_prefetch of the `n` (at most 6) fields given (no list to build).
+  function pool_prefetch_these(n, ...)
+    local these = THESE
+    these[1], these[2], these[3], these[4], these[5], these[6] = ...
+    pool_prefetch(these, false, n)
   end
 
   function pool_set(field, value)
@@ -182,7 +200,7 @@ do
         or (POOL_READ.inflight == false and 0) or nil
       pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
     end
-    local args, n = {}, 0
+    local args, n = ARGS, 0
     for field in pairs(POOL_DIRTY) do
       local number = PINT[field]
       local value
@@ -193,7 +211,7 @@ do
         POOL_READ[field] = value
       end
     end
-    if n > 0 then rcall('HSET', K_POOL, unpack(args)) end
+    if n > 0 then rcall('HSET', K_POOL, unpack(args, 1, n)) end
     if next(POOL_GONE) ~= nil then
       local gone = {}
       for field in pairs(POOL_GONE) do
@@ -201,9 +219,9 @@ do
         POOL_READ[field] = false
       end
       rcall('HDEL', K_POOL, unpack(gone))
-      POOL_GONE = {}
+      clear(POOL_GONE)
     end
-    POOL_DIRTY = {}
+    clear(POOL_DIRTY)
   end
 
   -- The digest of the configuration fields as they are now: the settings and every band record,
@@ -262,7 +280,9 @@ do
     local c = cached.cfg
     local h = pool_hints()
     local number_field = REPLICA_NUMBER .. caller
-    local fields = { CFG_DIGEST, 'qn', 'inflight', 'seq', number_field, ANON_FALLBACK }
+    local fields = HOT_FIELDS
+    fields[1], fields[2], fields[3], fields[4], fields[5], fields[6] =
+      CFG_DIGEST, 'qn', 'inflight', 'seq', number_field, ANON_FALLBACK
     local n = 6
     local num = h.nums[caller]
     if h.queued then
@@ -295,8 +315,9 @@ do
     end
     if c.det == DETECTOR_UTILIZATION then
       fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
+      n = n + 4
     end
-    pool_prefetch(fields, true)
+    pool_prefetch(fields, true, n)
     if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
     CFG, BANDS = c, cached.bands
     local known = rawget(POOL, number_field)

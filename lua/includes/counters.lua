@@ -25,7 +25,9 @@ local ST_META = {
   end,
 }
 local function init_counters()
-  ST = setmetatable({}, ST_META)
+  -- Kept between calls (see clear in the contract include); made by the first call, since the
+  -- library's top level runs without setmetatable.
+  if ST then clear(ST) else ST = setmetatable({}, ST_META) end
 end
 
 local function stat_add(field, delta)

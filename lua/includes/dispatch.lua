@@ -128,8 +128,8 @@ local function dispatch_item(id, lane, caller, now, out)
   if rec.tok > 0 and not has_capacity(now, rec.tok) then return nil end
   -- Its band's and its owner's fields, in one read.
   local o = rec.owner
-  pool_prefetch({ BAND_QUEUED .. rec.band, BAND_BYTES .. rec.band, OWNER_QUEUED .. o,
-    OWNER_ID .. o, RECLAIM .. o, 'qbytes' })
+  pool_prefetch_these(6, BAND_QUEUED .. rec.band, BAND_BYTES .. rec.band, OWNER_QUEUED .. o,
+    OWNER_ID .. o, RECLAIM .. o, 'qbytes')
   if owner_reclaimed(rec.owner) then
     unqueue_item(id, rec, now, true)
     workload_done(rec.wid)

@@ -55,73 +55,75 @@ local function lane_head(lk, b)
   return head, tonumber(head)
 end
 
--- A workload's workload-aware lanes in one ranking set form a group (wrank:<suffix>|<wid>, by
--- the head's part of the key); the ranking set holds only the group's best lane, keyed by the
--- workload's part plus that head part. So a change of the workload's counters re-ranks one
--- member per ranking set, however many lanes it has. The best is also kept in the workload's
--- hash (includes/registry.lua), so re-ranking reads nothing more.
-local function rank_suffix(b, parts)
-  if b.fair == FAIR_RR then return parts.band .. RANK_FLOW_SEP .. parts.flow end
-  return parts.band
-end
-
-local function better(a, b)
-  return a.key < b.key or (a.key == b.key and a.member < b.member)
-end
-
--- Writes the group's best into its ranking set with the workload's current part of the key.
--- Keys are whole numbers (includes/ordering.lua) and go to ZADD as text, like every number here:
--- Redis would format a Lua number with snprintf('%.17g') each call.
-local function rank_group(b, wid, suffix, best, m)
-  rcall('ZADD', K_RANK .. suffix, int(workload_key(m[1], m[2], b) + best.key), best.member)
-end
-
-local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
-  local suffix = rank_suffix(b, parts)
-  local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
-  local old = groups_of(parts.wid)[suffix]
-  local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
-  if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
-  if mine then rcall('ZADD', gk, int(mine.key), mine.member) end
-  local best = old
-  if old and old_head and old.member == old_head .. lane then
-    -- The best lane lost its head: the next best is whatever the group now ranks first.
-    local hs = rcall('ZRANGE', gk, '0', '0', 'WITHSCORES')
-    best = hs[1] and { key = tonumber(hs[2]), member = hs[1] } or nil
-  elseif mine and (not old or better(mine, old)) then
-    best = mine
+-- Ranking: lanes' heads into their ranking sets, through workload groups (private helpers in
+-- the do block keep them off the library's main-chunk locals, scripts.py library()).
+local rank_lane, rerank_workload
+do
+  -- A workload's workload-aware lanes in one ranking set form a group (wrank:<suffix>|<wid>, by
+  -- the head's part of the key); the ranking set holds only the group's best lane, keyed by the
+  -- workload's part plus that head part. So a change of the workload's counters re-ranks one
+  -- member per ranking set, however many lanes it has. The best is also kept in the workload's
+  -- hash (includes/registry.lua), so re-ranking reads nothing more.
+  local function rank_suffix(b, parts)
+    if b.fair == FAIR_RR then return parts.band .. RANK_FLOW_SEP .. parts.flow end
+    return parts.band
   end
-  if best == old then return end
-  if old and (not best or old.member ~= best.member) then rcall('ZREM', K_RANK .. suffix, old.member) end
-  group_set(parts.wid, suffix, best)
-  if best and not deferred then
-    rank_group(b, parts.wid, suffix, best, { workload_metrics(parts.wid, now) })
-  end
-end
 
--- Puts the lane's current head into its ranking (removing the old head's entry if it changed).
--- A rank member is the head id followed by the lane id; ties go to the lower head id. `head` and
--- `in_lane` are the new head and its key in the lane when the caller knows them (else read);
--- `parts` the lane's fields (band, flow, wid, crit: a record of one of its items will do), else
--- parsed from the lane id. Returns the head id, or false when the lane is empty.
-local function rank_lane(lane, b, old_head, now, deferred, head, in_lane, parts)
-  parts = parts or parse_lane(lane)
-  if head == nil then head, in_lane = lane_head(K_LANE .. lane, b) end
-  if b.order == ORDER_WA and parts.wid ~= '' then
-    rank_grouped(lane, parts, b, old_head, head, now, deferred)
+  local function better(a, b)
+    return a.key < b.key or (a.key == b.key and a.member < b.member)
+  end
+
+  -- Writes the group's best into its ranking set with the workload's current part of the key.
+  -- Keys are whole numbers (includes/ordering.lua) and go to ZADD as text, like every number here:
+  -- Redis would format a Lua number with snprintf('%.17g') each call.
+  local function rank_group(b, suffix, best, ema, rate)
+    rcall('ZADD', K_RANK .. suffix, int(workload_key(ema, rate, b) + best.key), best.member)
+  end
+
+  local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
+    local suffix = rank_suffix(b, parts)
+    local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
+    local old = groups_of(parts.wid)[suffix]
+    local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
+    if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
+    if mine then rcall('ZADD', gk, int(mine.key), mine.member) end
+    local best = old
+    if old and old_head and old.member == old_head .. lane then
+      -- The best lane lost its head: the next best is whatever the group now ranks first.
+      local hs = rcall('ZRANGE', gk, '0', '0', 'WITHSCORES')
+      best = hs[1] and { key = tonumber(hs[2]), member = hs[1] } or nil
+    elseif mine and (not old or better(mine, old)) then
+      best = mine
+    end
+    if best == old then return end
+    if old and (not best or old.member ~= best.member) then rcall('ZREM', K_RANK .. suffix, old.member) end
+    group_set(parts.wid, suffix, best)
+    if best and not deferred then
+      rank_group(b, suffix, best, workload_metrics(parts.wid, now))
+    end
+  end
+
+  -- Puts the lane's current head into its ranking (removing the old head's entry if it changed).
+  -- A rank member is the head id followed by the lane id; ties go to the lower head id. `head` and
+  -- `in_lane` are the new head and its key in the lane when the caller knows them (else read);
+  -- `parts` the lane's fields (band, flow, wid, crit: a record of one of its items will do), else
+  -- parsed from the lane id. Returns the head id, or false when the lane is empty.
+  function rank_lane(lane, b, old_head, now, deferred, head, in_lane, parts)
+    parts = parts or parse_lane(lane)
+    if head == nil then head, in_lane = lane_head(K_LANE .. lane, b) end
+    if b.order == ORDER_WA and parts.wid ~= '' then
+      rank_grouped(lane, parts, b, old_head, head, now, deferred)
+      return head
+    end
+    local rs = rankset_of(b, parts.band, parts.flow)
+    if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
+    if head then rcall('ZADD', rs, lane_key(b, parts, head, in_lane, nil, now), head .. lane) end
     return head
   end
-  local rs = rankset_of(b, parts.band, parts.flow)
-  if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
-  if head then rcall('ZADD', rs, lane_key(b, parts, head, in_lane, nil, now), head .. lane) end
-  return head
-end
 
--- Re-ranks every group of a workload: its counters just changed. One ZADD per ranking set.
--- A ranking suffix's band is remembered between calls (a pattern match each time costs more
--- than the rest of the loop); bounded, cleared past SUFFIXES_KEPT_MAX suffixes.
-local rerank_workload
-do
+  -- Re-ranks every group of a workload: its counters just changed. One ZADD per ranking set.
+  -- A ranking suffix's band is remembered between calls (a pattern match each time costs more
+  -- than the rest of the loop); bounded, cleared past SUFFIXES_KEPT_MAX suffixes.
   local SUFFIX_BAND, SUFFIXES_KEPT, SUFFIXES_KEPT_MAX = {}, 0, 4096
   local band_pattern = '^[^' .. RANK_FLOW_SEP .. ']+'
   local function band_of(suffix)
@@ -133,9 +135,9 @@ do
     return band
   end
   function rerank_workload(wid, now)
-    local m = { workload_metrics(wid, now) }
+    local ema, rate = workload_metrics(wid, now)
     for suffix, best in pairs(groups_of(wid)) do
-      rank_group(band_cfg(band_of(suffix)), wid, suffix, best, m)
+      rank_group(band_cfg(band_of(suffix)), suffix, best, ema, rate)
     end
   end
 end

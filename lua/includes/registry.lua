@@ -28,18 +28,61 @@ end
 -- entry here), in the order flush_workloads writes them.
 local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
 local COUNTERS = { 'bi', 'c', 'p', 'ema', 'n', 'active', 't' }
-local function clean_counters()
-  return { bi = false, c = false, p = false, ema = false, n = false, active = false, t = false }
+
+-- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best } or nil,
+-- blank = { emptied group field } or nil, exists, dirty = { counter = changed? } (made with every
+-- counter, so it never grows), dirty_groups = { suffix = true } (empty: none) }
+local WS = {}
+-- Active-count changes of workloads this call did not otherwise read: wid -> delta.
+local PENDING = {}
+-- The state tables of the calls before, emptied for this one's workloads (each call's are
+-- moved here when the next begins; see clear in the contract include for why tables are kept).
+-- At most SPARE_MAX are kept.
+local init_registry, new_state
+do
+  local SPARE, SPARE_N, SPARE_MAX = {}, 0, 256
+  function init_registry()
+    for wid, w in pairs(WS) do
+      if SPARE_N < SPARE_MAX then
+        SPARE_N = SPARE_N + 1
+        SPARE[SPARE_N] = w
+      end
+      WS[wid] = nil
+    end
+    clear(PENDING)
+  end
+
+  -- A workload's state with every field as given and no group read: a kept table when there is
+  -- one (its own tables emptied), else new ones.
+  function new_state(bi, c, p, ema, n, active, t)
+    local w = SPARE[SPARE_N]
+    if not w then
+      return { bi = bi, c = c, p = p, ema = ema, n = n, active = active, t = t, exists = false,
+        dirty = { bi = false, c = false, p = false, ema = false, n = false, active = false, t = false },
+        groups = nil, blank = nil, kept_groups = nil, kept_blank = nil, dirty_groups = {} }
+    end
+    SPARE[SPARE_N], SPARE_N = nil, SPARE_N - 1
+    w.bi, w.c, w.p, w.ema, w.n, w.active, w.t, w.exists = bi, c, p, ema, n, active, t, false
+    local dirty = w.dirty
+    dirty.bi, dirty.c, dirty.p, dirty.ema, dirty.n, dirty.active, dirty.t =
+      false, false, false, false, false, false, false
+    -- The group tables it had stay with it (kept_*), emptied when groups are read again.
+    if w.groups then w.kept_groups, w.kept_blank = w.groups, w.blank end
+    w.groups, w.blank = nil, nil
+    clear(w.dirty_groups)
+    return w
+  end
 end
 
--- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best }, exists,
--- dirty = { counter = changed? } (made with every counter, so it never grows), dirty_groups =
--- { suffix = true } or nil }
-local WS
--- Active-count changes of workloads this call did not otherwise read: wid -> delta.
-local PENDING
-local function init_registry()
-  WS, PENDING = {}, {}
+-- The workload's groups as read now (tables of its own, kept ones emptied if it has them).
+local function fresh_groups(w)
+  local groups, blank = w.kept_groups, w.kept_blank
+  if groups then
+    w.kept_groups, w.kept_blank = nil, nil
+    w.groups, w.blank = clear(groups), clear(blank)
+  else
+    w.groups, w.blank = {}, {}
+  end
 end
 
 local function pending_delta(wid, w)
@@ -68,7 +111,8 @@ end
 -- The counters and the groups from one HGETALL.
 local function read_all(wid, w)
   local v = rcall('HGETALL', wkey(wid))
-  w.groups, w.blank, w.exists = {}, {}, #v > 0
+  fresh_groups(w)
+  w.exists = #v > 0
   for i = 1, #v, 2 do
     local f = v[i]
     if WRITE_AS[f] then w[f] = tonum(v[i + 1]) else take_group(w, f, v[i + 1]) end
@@ -83,17 +127,14 @@ local function wstate(wid, counters_only)
   if w then return w end
   if counters_only then
     local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
-    -- One constructor with every field: the table is sized once.
     -- Counts are mostly small: looked up rather than read by tonumber (its strtod is dear).
-    w = { bi = tonumber(v[1]), c = tonum(v[2]), p = tonum(v[3]), ema = tonumber(v[4]), n = tonum(v[5]),
-      active = tonum(v[6]), t = tonumber(v[7]), exists = false,
-      dirty = clean_counters(), groups = nil, blank = nil, dirty_groups = nil }
+    w = new_state(tonumber(v[1]), tonum(v[2]), tonum(v[3]), tonumber(v[4]), tonum(v[5]),
+      tonum(v[6]), tonumber(v[7]))
     -- Every tracked workload's hash holds its window (count_request writes it first).
     w.exists = w.bi ~= nil
     if not w.exists then read_all(wid, w) end
   else
-    w = { bi = nil, c = nil, p = nil, ema = nil, n = nil, active = nil, t = nil, exists = false,
-      dirty = clean_counters(), groups = nil, blank = nil, dirty_groups = nil }
+    w = new_state(nil, nil, nil, nil, nil, nil, nil)
     read_all(wid, w)
   end
   WS[wid] = w
@@ -218,7 +259,7 @@ local function groups_of(wid)
   if not w.groups then
     -- Read counters-only: the groups come now (the counters this call has changed stay).
     local v = rcall('HGETALL', wkey(wid))
-    w.groups, w.blank = {}, {}
+    fresh_groups(w)
     for i = 1, #v, 2 do take_group(w, v[i], v[i + 1]) end
   end
   return w.groups
@@ -227,7 +268,6 @@ end
 local function group_set(wid, suffix, best)
   local w = wstate(wid)
   groups_of(wid)[suffix] = best
-  if not w.dirty_groups then w.dirty_groups = {} end
   w.dirty_groups[suffix] = true
 end
 
@@ -235,12 +275,12 @@ end
 local function compact_workload(wid)
   local w = wstate(wid)
   groups_of(wid)
-  local gone, dirty = {}, w.dirty_groups or {}
+  local gone, dirty = {}, w.dirty_groups
   for _, f in ipairs(w.blank) do
     if not dirty[string.sub(f, #WGROUP_FIELD + 1)] then gone[#gone + 1] = f end
   end
   if #gone > 0 then rcall('HDEL', wkey(wid), unpack(gone)) end
-  w.blank = {}
+  clear(w.blank)
 end
 
 local function forget_workload(wid)
@@ -248,41 +288,47 @@ local function forget_workload(wid)
   PENDING[wid] = nil
 end
 
-local function flush_workloads()
-  for wid, w in pairs(WS) do
-    local args, n = {}, 0
-    local dirty = w.dirty
-    for i = 1, #COUNTERS do
-      local field = COUNTERS[i]
-      if dirty[field] then
-        args[n + 1], args[n + 2] = field, WRITE_AS[field](w[field])
-        n = n + 2
-        dirty[field] = false
+local flush_workloads
+do
+  -- The HSET arguments, kept between calls (used with their count).
+  local FLUSH_ARGS = {}
+  function flush_workloads()
+    for wid, w in pairs(WS) do
+      local args, n = FLUSH_ARGS, 0
+      local dirty = w.dirty
+      for i = 1, #COUNTERS do
+        local field = COUNTERS[i]
+        if dirty[field] then
+          args[n + 1], args[n + 2] = field, WRITE_AS[field](w[field])
+          n = n + 2
+          dirty[field] = false
+        end
+      end
+      -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
+      local dirty_groups = w.dirty_groups
+      if next(dirty_groups) ~= nil then
+        for suffix in pairs(dirty_groups) do
+          local best = w.groups[suffix]
+          args[n + 1], args[n + 2] = WGROUP_FIELD .. suffix,
+            best and encode_best(best.key, best.member) or ''
+          n = n + 2
+        end
+      end
+      if n > 0 then rcall('HSET', wkey(wid), unpack(args, 1, n)) end
+      clear(dirty_groups)
+    end
+    for wid, delta in pairs(PENDING) do
+      local left = rcall('HINCRBY', wkey(wid), 'active', int(delta))
+      if left < 0 then
+        -- Only if the invariant above was broken (data lost): never leave a negative count, and
+        -- never a hash holding nothing but it.
+        if rcall('HLEN', wkey(wid)) == 1 then
+          rcall('DEL', wkey(wid))
+        else
+          rcall('HSET', wkey(wid), 'active', 0)
+        end
       end
     end
-    -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
-    if w.dirty_groups then
-      for suffix in pairs(w.dirty_groups) do
-        local best = w.groups[suffix]
-        args[n + 1], args[n + 2] = WGROUP_FIELD .. suffix,
-          best and encode_best(best.key, best.member) or ''
-        n = n + 2
-      end
-    end
-    if n > 0 then rcall('HSET', wkey(wid), unpack(args)) end
-    w.dirty_groups = nil
+    clear(PENDING)
   end
-  for wid, delta in pairs(PENDING) do
-    local left = rcall('HINCRBY', wkey(wid), 'active', int(delta))
-    if left < 0 then
-      -- Only if the invariant above was broken (data lost): never leave a negative count, and
-      -- never a hash holding nothing but it.
-      if rcall('HLEN', wkey(wid)) == 1 then
-        rcall('DEL', wkey(wid))
-      else
-        rcall('HSET', wkey(wid), 'active', 0)
-      end
-    end
-  end
-  PENDING = {}
 end

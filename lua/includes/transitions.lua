@@ -45,7 +45,8 @@ local function op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, le
   end
 
   -- What the caps and the queue need, in one read.
-  pool_prefetch({ 'qbytes', QUEUED_BANDS, BAND_QUEUED .. band, BAND_BYTES .. band, OWNER_QUEUED .. num })
+  pool_prefetch_these(5, 'qbytes', QUEUED_BANDS, BAND_QUEUED .. band, BAND_BYTES .. band,
+    OWNER_QUEUED .. num)
   local b = band_cfg(band)
   local band_n, band_bytes = band_counts(band)
   if (CFG.maxReq > 0 and st.qn >= CFG.maxReq)

@@ -154,7 +154,7 @@ _HEADER = """--[[
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
   codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
   ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
-  (tonumber, small integers remembered: SMALL_NUMBER, SMALL_TEXT); split;
+  (tonumber, small integers remembered: SMALL_NUMBER, SMALL_TEXT); split; clear(t) -> t emptied;
   encode_<record>(...) and parse_<record>(raw); fields_<record>(raw) -> its fields;
   fields_<operation>(values, at) -> its fields, OP_ARITY[tag] -> its values, tag included.
   Needs: nothing.
@@ -218,6 +218,14 @@ do
     end
     return id_head .. tail
   end
+end
+-- A table kept between calls, emptied for the next one. Cheaper than a new table: Lua makes a
+-- table's hash part anew each time it outgrows it (1, 2, 4, 8... entries), and every table it
+-- makes is later swept by the collector; an emptied one keeps its keys' slots, so the same keys
+-- set again take no new ones.
+local function clear(t)
+  for k in pairs(t) do t[k] = nil end
+  return t
 end
 local function split(s)
   local out, i = {}, 1

@@ -11,10 +11,10 @@
   failover) can make the cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
-  pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value), pool_add(field, delta, floor) -> new,
-  old, pool_int(field) -> number (0 when absent), pool_del(field), pool_fields() -> every field
-  and its text (a table: loop over it, not over POOL), flush_pool(), CFG (settings,
-  filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
+  pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value),
+  pool_add(field, delta, floor) -> new, old, pool_int(field) -> number (0 when absent),
+  pool_del(field), pool_fields() -> every field and its text (a table: loop over it, not over
+  POOL), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
   now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
   ms (TIME is read once per call, and only when a transition needs the time), pool_hints() ->
@@ -26,9 +26,9 @@
 -- POOL and CFG, and the functions this include provides, are shared; the rest is private to
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
-local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, pool_int, pool_del,
-  pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock, pool_add,
-  pool_fields
+local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, pool_int,
+  pool_del, pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock,
+  pool_add, pool_fields
 do
   -- State of one call, emptied by init_config (each call runs begin_call first; the tables are
   -- kept, see clear in the contract include). POOL_READ:

@@ -222,7 +222,8 @@ end
 -- A table kept between calls, emptied for the next one. Cheaper than a new table: Lua makes a
 -- table's hash part anew each time it outgrows it (1, 2, 4, 8... entries), and every table it
 -- makes is later swept by the collector; an emptied one keeps its keys' slots, so the same keys
--- set again take no new ones.
+-- set again mostly take no new ones (until the collector next visits it and frees the empty
+-- slots: then at most one re-size). Emptying costs a `next` call per key.
 local function clear(t)
   for k in pairs(t) do t[k] = nil end
   return t

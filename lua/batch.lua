@@ -61,7 +61,7 @@ while at <= last do
   if #out == 0 then
     if op == OP_ENQUEUE then
       -- encode_op_reply(status, a, b), inline: this runs for every enqueue.
-      replies[k] = (SMALL_TEXT[status] or int(status)) .. SEP .. a .. SEP .. b
+      replies[k] = (TEXT_OF[status] or int(status)) .. SEP .. a .. SEP .. b
     else
       replies[k] = status
     end

@@ -15,7 +15,7 @@
 -- @include transitions
 if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG } end
 local tok = ARGV[4]
-if tok then tok = SMALL_NUMBER[tok] or tonum(tok) end
+if tok then tok = NUMBER_OF[tok] or tonum(tok) end
 local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}, ARGV[5], tok))
 flush_state()
 return r

@@ -21,7 +21,9 @@ TTL = 60_000
 
 # Each value as text with its type, so numbers cross without Redis's integer reply truncating
 # them: 'n<%.17g>' or 's<text>'.
+# (set_prefix first, as every call does: it takes the library's standard functions.)
 _BOTH_DECODERS = """
+set_prefix('t:')
 local function shown(values)
   if not values then return false end
   local out = {}

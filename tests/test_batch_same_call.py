@@ -149,3 +149,34 @@ async def test_slots_taken_together_are_freed_from_their_records_when_names_are_
     assert await _inflight(store) == 0
     assert int(await store.client.hget(store.key("anon"), "active")) == 0
     assert int(await store.client.hget(store.key("w:w0"), "active")) == 0
+
+
+async def test_a_call_stopped_by_an_error_leaves_nothing_to_the_next_call(
+    backend: Backend,
+) -> None:
+    """The library keeps its per-call tables between calls and empties them (clear,
+    init_config in lua/includes/config.lua): a call that a Redis error stops before it writes
+    the pool's counters must not hand what it counted to the next call."""
+    store = backend.store(make_config(limit=1))
+    await store.configure(now=0)
+    await _held(store, 1)
+    first = await store.call_direct("enqueue", NOW, "r1", *_enqueue_args("wa"))
+    assert int(first[0]) == ScriptStatus.QUEUED
+    # The next item's lane is not a list: its RPUSH fails after the call counted the item.
+    lane = store.key(contract.LANE + "0|f|wb|3")
+    await store.client.set(lane, "not a list")
+    try:
+        await store.call_direct("enqueue", NOW, "r1", *_enqueue_args("wb"))
+    except Exception as exc:  # the call's error reply
+        assert "WRONGTYPE" in str(exc) or "wrong kind" in str(exc)
+    else:
+        raise AssertionError("the enqueue into a key of another type did not fail")
+    await store.client.delete(lane)
+    second = await store.call_direct("enqueue", NOW, "r1", *_enqueue_args("wb"))
+    assert int(second[0]) == ScriptStatus.QUEUED
+    # The stopped call's sequence number and queue counts were never written, and the next
+    # call did not take them from it: the ids are consecutive and two items are counted.
+    assert int(second[1]) == int(first[1]) + 1
+    pool = store.key(contract.POOL)
+    assert int(await store.client.hget(pool, "qn")) == 2
+    assert int(await store.client.hget(pool, "qbytes")) == 20

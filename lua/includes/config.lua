@@ -37,6 +37,13 @@ do
   -- PINT: integer fields set as numbers (pool_add), formatted once, when written.
   local POOL_READ, POOL_DIRTY, POOL_GONE, PINT = {}, {}, {}, {}
   local POOL_ALL, BANDS, NOW
+  -- What the next call must empty, kept so that it need not visit every key with `next` (see
+  -- clear in the contract include): READ_FIELDS lists (READ_N of them) every field POOL_READ has
+  -- (each set first when POOL_READ lacks it). Once flush_pool has run, POOL_DIRTY, POOL_GONE
+  -- and PINT are empty, and a field is among POOL's own exactly when POOL_READ holds a text or a
+  -- number for it (FLUSHED); a call that stopped before it (an error) or changed the pool after
+  -- it leaves init_config to empty every table in full.
+  local READ_FIELDS, READ_N, FLUSHED = {}, 0, false
   -- Scratch lists, kept between calls: what a prefetch reads, and the flush's HSET arguments
   -- (each used with its length, so what a longer earlier use left past it is never read).
   local WANT, ARGS, HOT_FIELDS, THESE = {}, {}, {}, {}
@@ -46,6 +53,8 @@ do
     if POOL_ALL or POOL_READ[field] ~= nil or POOL_GONE[field] then return nil end
     local v = rcall('HGET', K_POOL, field)
     POOL_READ[field] = v
+    READ_N = READ_N + 1
+    READ_FIELDS[READ_N] = field
     if not v then return nil end
     t[field] = v
     return v
@@ -58,11 +67,24 @@ do
 
   function init_config()
     -- (Made by the first call: the library's top level runs without setmetatable.)
-    if POOL then clear(POOL) else POOL = setmetatable({}, POOL_META) end
-    clear(POOL_READ)
-    clear(POOL_DIRTY)
-    clear(POOL_GONE)
-    clear(PINT)
+    if not POOL then
+      POOL = setmetatable({}, POOL_META)
+    elseif FLUSHED then
+      local pool, read, keys = POOL, POOL_READ, READ_FIELDS
+      for i = 1, READ_N do
+        local field = keys[i]
+        -- (Only a key a table has is set to nil: assigning nil to one it lacks adds it.)
+        if read[field] then pool[field] = nil end
+        read[field] = nil
+      end
+    else
+      clear(POOL)
+      clear(POOL_READ)
+      clear(POOL_DIRTY)
+      clear(POOL_GONE)
+      clear(PINT)
+    end
+    READ_N, FLUSHED = 0, false
     POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
   end
 
@@ -80,6 +102,8 @@ do
       if untouched(field) then
         POOL_READ[field] = v[i + 1]
         POOL[field] = v[i + 1]
+        READ_N = READ_N + 1
+        READ_FIELDS[READ_N] = field
       end
     end
     POOL_ALL = true
@@ -104,11 +128,14 @@ do
     end
     if n == 0 then return end
     local v = rcall('HMGET', K_POOL, unpack(want, 1, n))
+    local keys, kept = READ_FIELDS, READ_N
     for i = 1, n do
       local field, value = want[i], v[i]
       POOL_READ[field] = value
       if value then POOL[field] = value end
+      keys[kept + i] = field
     end
+    READ_N = kept + n
   end
 
   -- pool_prefetch of the `n` (at most 6) fields given (no list to build).
@@ -123,13 +150,15 @@ do
     POOL[field] = value
     POOL_DIRTY[field] = true
     POOL_GONE[field] = nil
+    FLUSHED = false
   end
 
   -- An integer field's value (0 when absent).
   function pool_int(field)
     local n = PINT[field]
     if n then return n end
-    return tonum(POOL[field]) or 0
+    local text = POOL[field]
+    return NUMBER_OF[text] or tonum(text) or 0
   end
 
   -- Adds `delta` to an integer field (absent: 0), held at 0 or more when `floor`; returns the
@@ -147,13 +176,15 @@ do
       PINT[field] = n
       return n, was
     end
-    was = tonum(POOL[field]) or 0
+    local text = POOL[field]
+    was = NUMBER_OF[text] or tonum(text) or 0
     n = was + delta
     if floor and n < 0 then n = 0 end
     POOL[field] = nil
     PINT[field] = n
     POOL_DIRTY[field] = true
     POOL_GONE[field] = nil
+    FLUSHED = false
     return n, was
   end
 
@@ -172,6 +203,7 @@ do
     POOL[field] = nil
     POOL_DIRTY[field] = nil
     POOL_GONE[field] = true
+    FLUSHED = false
   end
 
   -- Between calls, per pool, guesses that only save reads (every value is still read in the call
@@ -200,28 +232,48 @@ do
         or (POOL_READ.inflight == false and 0) or nil
       pool_hints().queued = qn > 0 or (CFG ~= nil and inflight ~= nil and inflight >= CFG.limit)
     end
+    -- Empties POOL_DIRTY, PINT and POOL_GONE as it writes them; a counter kept as a number
+    -- is among POOL's fields, as text, again.
     local args, n = ARGS, 0
-    for field in pairs(POOL_DIRTY) do
-      local number = PINT[field]
+    local read, dirty, ints, keys, kept = POOL_READ, POOL_DIRTY, PINT, READ_FIELDS, READ_N
+    for field in pairs(dirty) do
+      local number = ints[field]
       local value
-      if number then value = int(number) else value = rawget(POOL, field) end
-      if value ~= POOL_READ[field] then
+      if number then
+        value = TEXT_OF[number] or int(number)
+        ints[field] = nil
+        POOL[field] = value
+      else
+        value = rawget(POOL, field)
+      end
+      dirty[field] = nil
+      local was = read[field]
+      if value ~= was then
         args[n + 1], args[n + 2] = field, value
         n = n + 2
-        POOL_READ[field] = value
+        read[field] = value
+        if was == nil then
+          kept = kept + 1
+          keys[kept] = field
+        end
       end
     end
     if n > 0 then rcall('HSET', K_POOL, unpack(args, 1, n)) end
     if next(POOL_GONE) ~= nil then
-      local gone = {}
+      n = 0
       for field in pairs(POOL_GONE) do
-        gone[#gone + 1] = field
-        POOL_READ[field] = false
+        n = n + 1
+        args[n] = field
+        if read[field] == nil then
+          kept = kept + 1
+          keys[kept] = field
+        end
+        read[field] = false
+        POOL_GONE[field] = nil
       end
-      rcall('HDEL', K_POOL, unpack(gone))
-      clear(POOL_GONE)
+      rcall('HDEL', K_POOL, unpack(args, 1, n))
     end
-    clear(POOL_DIRTY)
+    READ_N, FLUSHED = kept, true
   end
 
   -- The digest of the configuration fields as they are now: the settings and every band record,
@@ -351,7 +403,9 @@ do
       abs = tonumber(override)
     else
       local t = rcall('TIME')
-      abs = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+      -- (The seconds repeat from call to call: looked up; the microseconds do not.)
+      local s = t[1]
+      abs = (NUMBER_OF[s] or tonum(s)) * 1000 + math.floor(tonumber(t[2]) / 1000)
     end
     NOW = abs - CFG.epoch
     return NOW

@@ -17,17 +17,27 @@
 
 -- The counters a call reads, each on first use (a fast-path release never needs the sequence).
 local ST
-local ST_META = {
-  __index = function(t, field)
-    local v = pool_int(field)
-    t[field] = v
-    return v
-  end,
-}
-local function init_counters()
-  -- Kept between calls (see clear in the contract include); made by the first call, since the
-  -- library's top level runs without setmetatable.
-  if ST then clear(ST) else ST = setmetatable({}, ST_META) end
+local init_counters
+do
+  local ST_META = {
+    __index = function(t, field)
+      local v = pool_int(field)
+      t[field] = v
+      return v
+    end,
+  }
+  function init_counters()
+    -- Kept between calls (see clear in the contract include); made by the first call, since
+    -- the library's top level runs without setmetatable.
+    if not ST then
+      ST = setmetatable({}, ST_META)
+      return
+    end
+    -- The fields stat_add sets and callers read, emptied by name (cheaper than clear's `next`
+    -- per key); clear only if some other field got in.
+    ST.qn, ST.qbytes, ST.inflight, ST.seq, ST.tok = nil, nil, nil, nil, nil
+    if next(ST) ~= nil then clear(ST) end
+  end
 end
 
 local function stat_add(field, delta)
@@ -85,29 +95,32 @@ local function top_band()
   return nil
 end
 
--- A band joined (+1) or left (-1) the bands with queued items.
-local function mark_band(band, sign)
-  local bands, kept = queued_bands(), {}
-  for _, b in ipairs(bands) do
-    if b ~= band then kept[#kept + 1] = b end
-  end
-  if sign > 0 then kept[#kept + 1] = band end
-  pool_set(QUEUED_BANDS, table.concat(kept, ID_LIST_SEP))
-end
-
 local function owner_queued(num)
   return pool_int(OWNER_QUEUED .. num)
 end
 
-local function adjust_counts(rec, sign)
-  local band, h = rec.band, pool_hints()
-  h.band = band
-  if sign > 0 then h.queuer = rec.owner end
-  stat_add('qn', sign)
-  stat_add('qbytes', sign * rec.bytes)
-  -- Counts never go below zero (data lost).
-  local n, was = pool_add(BAND_QUEUED .. band, sign, true)
-  if (was == 0) ~= (n == 0) then mark_band(band, sign) end
-  pool_add(BAND_BYTES .. band, sign * rec.bytes, true)
-  pool_add(OWNER_QUEUED .. rec.owner, sign, true)
+local adjust_counts
+do
+  -- A band joined (+1) or left (-1) the bands with queued items.
+  local function mark_band(band, sign)
+    local bands, kept = queued_bands(), {}
+    for _, b in ipairs(bands) do
+      if b ~= band then kept[#kept + 1] = b end
+    end
+    if sign > 0 then kept[#kept + 1] = band end
+    pool_set(QUEUED_BANDS, table.concat(kept, ID_LIST_SEP))
+  end
+
+  function adjust_counts(rec, sign)
+    local band, h = rec.band, pool_hints()
+    h.band = band
+    if sign > 0 then h.queuer = rec.owner end
+    stat_add('qn', sign)
+    stat_add('qbytes', sign * rec.bytes)
+    -- Counts never go below zero (data lost).
+    local n, was = pool_add(BAND_QUEUED .. band, sign, true)
+    if (was == 0) ~= (n == 0) then mark_band(band, sign) end
+    pool_add(BAND_BYTES .. band, sign * rec.bytes, true)
+    pool_add(OWNER_QUEUED .. rec.owner, sign, true)
+  end
 end

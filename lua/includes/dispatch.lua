@@ -210,7 +210,7 @@ local function take_slot(key, id, leased)
     -- A held record's fields, without a table.
     local _
     wid, _, tok = fields_held(raw)
-    tok = SMALL_NUMBER[tok] or tonum(tok)
+    tok = NUMBER_OF[tok] or tonum(tok)
   end
   free_slot(wid, tok)
   return true

@@ -20,14 +20,15 @@ do
   local bucket_of, bucket_key = nil, nil
   function item_key(id)
     if id == last_id and K_ITEMS == last_items then return last_key, last_field end
-    local seq = tonumber(id)
+    local seq = NUMBER_OF[id] or tonum(id)
     local bucket = math.floor(seq / ITEM_BUCKET)
     local key = bucket_key
     if bucket ~= bucket_of or K_ITEMS ~= last_items then
       key = K_ITEMS .. int(bucket)
       bucket_of, bucket_key = bucket, key
     end
-    last_id, last_items, last_key, last_field = id, K_ITEMS, key, int(seq - bucket * ITEM_BUCKET)
+    local field = seq - bucket * ITEM_BUCKET
+    last_id, last_items, last_key, last_field = id, K_ITEMS, key, TEXT_OF[field] or int(field)
     return key, last_field
   end
 end

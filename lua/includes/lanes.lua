@@ -167,7 +167,7 @@ local function queue_item(id, raw, rec, now, deferred)
       rank_lane(lane, b, old_head, now, deferred, id, in_lane, rec)
     end
   else
-    in_lane = tonumber(id)
+    in_lane = NUMBER_OF[id] or tonum(id)
     new_lane = rcall('RPUSH', lk, id) == 1
   end
   if new_lane then

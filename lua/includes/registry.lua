@@ -49,7 +49,8 @@ do
       end
       WS[wid] = nil
     end
-    clear(PENDING)
+    -- flush_workloads leaves PENDING empty; a call that stopped before it may not have.
+    if next(PENDING) ~= nil then clear(PENDING) end
   end
 
   -- A workload's state with every field as given and no group read: a kept table when there is
@@ -69,7 +70,9 @@ do
     -- The group tables it had stay with it (kept_*), emptied when groups are read again.
     if w.groups then w.kept_groups, w.kept_blank = w.groups, w.blank end
     w.groups, w.blank = nil, nil
-    clear(w.dirty_groups)
+    -- (flush_workloads empties it as it writes; a call that stopped before it may not have.)
+    local dirty_groups = w.dirty_groups
+    if next(dirty_groups) ~= nil then clear(dirty_groups) end
     return w
   end
 end
@@ -115,7 +118,8 @@ local function read_all(wid, w)
   w.exists = #v > 0
   for i = 1, #v, 2 do
     local f = v[i]
-    if WRITE_AS[f] then w[f] = tonum(v[i + 1]) else take_group(w, f, v[i + 1]) end
+    local value = v[i + 1]
+    if WRITE_AS[f] then w[f] = NUMBER_OF[value] or tonum(value) else take_group(w, f, value) end
   end
 end
 
@@ -127,9 +131,10 @@ local function wstate(wid, counters_only)
   if w then return w end
   if counters_only then
     local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
-    -- Counts are mostly small: looked up rather than read by tonumber (its strtod is dear).
-    w = new_state(tonumber(v[1]), tonum(v[2]), tonum(v[3]), tonumber(v[4]), tonum(v[5]),
-      tonum(v[6]), tonumber(v[7]))
+    -- Integers (written by int) are looked up rather than read by tonumber (its strtod is dear);
+    -- the EMA, a new fraction each time, is read.
+    w = new_state(tonum(v[1]), tonum(v[2]), tonum(v[3]), tonumber(v[4]), tonum(v[5]),
+      tonum(v[6]), tonum(v[7]))
     -- Every tracked workload's hash holds its window (count_request writes it first).
     w.exists = w.bi ~= nil
     if not w.exists then read_all(wid, w) end
@@ -248,14 +253,14 @@ end
 -- which is scored as a workload with no history.
 local function workload_metrics(wid, now)
   if wid == '' then return 0, 0 end
-  local w = wstate(wid)
+  local w = WS[wid] or wstate(wid)
   local ema = 0
   if (w.n or 0) > 0 then ema = w.ema end
   return ema, rate_from(w.bi, w.c or 0, w.p or 0, now)
 end
 
 local function groups_of(wid)
-  local w = wstate(wid)
+  local w = WS[wid] or wstate(wid)
   if not w.groups then
     -- Read counters-only: the groups come now (the counters this call has changed stay).
     local v = rcall('HGETALL', wkey(wid))
@@ -266,8 +271,9 @@ local function groups_of(wid)
 end
 
 local function group_set(wid, suffix, best)
-  local w = wstate(wid)
-  groups_of(wid)[suffix] = best
+  local w = WS[wid] or wstate(wid)
+  local groups = w.groups or groups_of(wid)
+  groups[suffix] = best
   w.dirty_groups[suffix] = true
 end
 
@@ -299,7 +305,9 @@ do
       for i = 1, #COUNTERS do
         local field = COUNTERS[i]
         if dirty[field] then
-          args[n + 1], args[n + 2] = field, WRITE_AS[field](w[field])
+          -- (A count met before is looked up: TEXT_OF holds integers, which fmt writes alike.)
+          local value = w[field]
+          args[n + 1], args[n + 2] = field, TEXT_OF[value] or WRITE_AS[field](value)
           n = n + 2
           dirty[field] = false
         end
@@ -307,17 +315,19 @@ do
       -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
       local dirty_groups = w.dirty_groups
       if next(dirty_groups) ~= nil then
+        -- (Emptied as it is written: a new_state that takes this table back then need not.)
         for suffix in pairs(dirty_groups) do
           local best = w.groups[suffix]
           args[n + 1], args[n + 2] = WGROUP_FIELD .. suffix,
             best and encode_best(best.key, best.member) or ''
           n = n + 2
+          dirty_groups[suffix] = nil
         end
       end
       if n > 0 then rcall('HSET', wkey(wid), unpack(args, 1, n)) end
-      clear(dirty_groups)
     end
     for wid, delta in pairs(PENDING) do
+      PENDING[wid] = nil
       local left = rcall('HINCRBY', wkey(wid), 'active', int(delta))
       if left < 0 then
         -- Only if the invariant above was broken (data lost): never leave a negative count, and
@@ -329,6 +339,5 @@ do
         end
       end
     end
-    clear(PENDING)
   end
 end

@@ -154,7 +154,7 @@ _HEADER = """--[[
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
   codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
   ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
-  (tonumber, small integers remembered: SMALL_NUMBER, SMALL_TEXT); split; clear(t) -> t emptied;
+  (tonumber; numbers remembered both ways: NUMBER_OF, TEXT_OF); split; clear(t) -> t emptied;
   encode_<record>(...) and parse_<record>(raw); fields_<record>(raw) -> its fields;
   fields_<operation>(values, at) -> its fields, OP_ARITY[tag] -> its values, tag included.
   Needs: nothing.
@@ -163,44 +163,44 @@ local rcall
 """
 
 _HELPERS = """local function fmt(x) return string.format('%%.17g', x) end
--- Small integers and their text, both ways, remembered as they are met (the library cannot
--- build tables at load: Redis runs its top level without the string library): formatting a
--- number (sprintf) or reading one (strtod) costs more than the rest of encoding or parsing a
--- record, and most numbers in records and counters are small. The last large one is remembered
--- too, each way: a call's time goes into every record it writes, and a coalesced call's
--- records share their TTLs and their times. (A do block keeps the helpers' private state off
--- the chunk's 200 locals.)
-local SMALL_NUMBER, SMALL_TEXT, int, tonum, item_id = {}, {}, nil, nil, nil
+-- Numbers and their text, both ways, remembered as they are met (the library cannot build
+-- tables at load: Redis runs its top level without the string library): formatting a number
+-- (sprintf) or reading one (strtod, twice per tonumber in Lua 5.1) costs more than the rest of
+-- encoding or parsing a record, and the same numbers come back: most in records and counters
+-- are small, a counter or a time one call writes is what the next reads, and a call's time and
+-- TTLs go into every record it writes. At most %d are remembered, then all are forgotten at
+-- once. The generated record code looks both tables up inline (TEXT_OF[n] or int(n)): a call
+-- costs more than the lookup. (A do block keeps the helpers' private state off the chunk's 200
+-- locals.)
+local NUMBER_OF, TEXT_OF, int, tonum, item_id = {}, {}, nil, nil, nil
 do
-  local small_text = SMALL_TEXT
-  local last_int, last_int_text, last_num_text, last_num = nil, nil, nil, nil
-  local function small(n)
-    return type(n) == 'number' and n >= 0 and n < %d and n %% 1 == 0
+  local remembered, REMEMBER_MAX = 0, %d
+  local function forget_if_full()
+    if remembered >= REMEMBER_MAX then NUMBER_OF, TEXT_OF, remembered = {}, {}, 0 end
+    remembered = remembered + 1
   end
   -- Numbers go to Redis formatted by us: Lua prints large ones with %%.14g and -0 as '-0'.
   function int(x)
-    local text = small_text[x]
+    local text = TEXT_OF[x]
     if text then return text end
-    if x == last_int then return last_int_text end
     text = string.format('%%d', x)
-    -- small(x), inline (x is a number: format took it), large first: most that get here are.
-    if x < %d and x >= 0 and x %% 1 == 0 then
-      small_text[x], SMALL_NUMBER[text] = text, x
-    else
-      last_int, last_int_text = x, text
+    -- (Both ways only for an integer a double holds exactly, which '%%d' writes exactly; + 0
+    -- makes -0 the 0 that tonumber('0') is.)
+    if x %% 1 == 0 and x < %d and x > -%d then
+      forget_if_full()
+      TEXT_OF[x], NUMBER_OF[text] = text, x + 0
     end
     return text
   end
-  -- tonumber(text), nil for nil.
+  -- tonumber(text), nil for nil. (Only text -> number is remembered here: a text such as '1e3'
+  -- or '007' is not how int writes its number.)
   function tonum(text)
-    local n = SMALL_NUMBER[text]
+    local n = NUMBER_OF[text]
     if n then return n end
-    if text == last_num_text and text ~= nil then return last_num end
     n = tonumber(text)
-    if n and #text < 5 and small(n) then
-      SMALL_NUMBER[text] = n
-    elseif n then
-      last_num_text, last_num = text, n
+    if n then
+      forget_if_full()
+      NUMBER_OF[text] = n
     end
     return n
   end
@@ -216,7 +216,11 @@ do
       tail = string.format('%%03d', low)
       ID_TAIL[low] = tail
     end
-    return id_head .. tail
+    local id = id_head .. tail
+    -- The id is read back as its number (item_key) in this call and the next ones.
+    forget_if_full()
+    NUMBER_OF[id] = seq
+    return id
   end
 end
 -- A table kept between calls, emptied for the next one. Cheaper than a new table: Lua makes a
@@ -250,8 +254,9 @@ def _lua_string(value: str) -> str:
 
 
 # How the Lua side writes a field of each kind (contract.Field.kind).
-# (A small integer's text is looked up without calling int: a call costs more than the lookup.)
-_WRITE = {"s": "%s", "i": "(SMALL_TEXT[%s] or int(%s))", "f": "fmt(%s)"}
+# (A number's text met before is looked up without calling int: a call costs more than the
+# lookup.)
+_WRITE = {"s": "%s", "i": "(TEXT_OF[%s] or int(%s))", "f": "fmt(%s)"}
 
 
 def _encode_lua(record: contract.Record) -> str:
@@ -291,15 +296,17 @@ def _match_lua(record: contract.Record) -> str:
     )
 
 
-# Integers from 0 to below this are remembered, text and number, once formatted or read.
-SMALL_INTS = 1024
+# How many numbers int and tonum remember at most (then they forget all at once; see _HELPERS).
+REMEMBERED_NUMBERS = 1024
+# Integers below this (in magnitude) are exact in a double.
+EXACT_INTEGERS = 2**53
 
 
 def _number_lua(name: str) -> str:
-    """A Lua expression: the number in string ``name`` (nil stays nil). A small integer, the
-    commonest field value, is looked up instead of read by tonumber (whose strtod costs more
-    than the rest of a parse): ``tonum`` in the contract include."""
-    return f"(SMALL_NUMBER[{name}] or tonum({name}))"
+    """A Lua expression: the number in string ``name`` (nil stays nil). A number met before (most
+    field values are) is looked up instead of read by tonumber (whose strtod costs more than
+    the rest of a parse): ``tonum`` in the contract include."""
+    return f"(NUMBER_OF[{name}] or tonum({name}))"
 
 
 def _parse_lua(record: contract.Record) -> str:
@@ -332,6 +339,12 @@ def _operation_lua(record: contract.Record) -> str:
     return f"local function fields_{record.name}(v, at) return {listed} end\n"
 
 
+# Globals the library reads as locals of its chunk (contract_lua): the ones its hot paths read
+# most (~60 of ~90 global reads per queued admission, docs/scaling.md). Each is one of the
+# chunk's 200 locals (tests/test_lua_loader.py keeps ten spare).
+_SHADOWED = ("pairs", "string", "math")
+
+
 @cache
 def contract_lua() -> str:
     """The ``contract`` include, generated from sidecar/contract.py."""
@@ -345,11 +358,20 @@ def contract_lua() -> str:
     names = ", ".join(f"K_{k.name}" for k in contract.KEYS)
     built = ", ".join(f"p .. {_lua_string(k.suffix)}" for k in contract.KEYS)
     taken = ", ".join(f"k[{i}]" for i in range(1, len(contract.KEYS) + 1))
+    # The standard library the hot paths use most, as locals: a function's globals are a
+    # protected empty table whose metatable's __index is the real one (Redis's function_lua.c),
+    # so each global name costs three table lookups. They exist only inside a call, so the
+    # first call takes them (through _G, as the locals hide the names).
+    lines.append(f"local {', '.join(_SHADOWED)}\n")
     lines.append(
         "local set_prefix\n"
         "do\n"
         "  local PREFIX_KEYS, PREFIXES_KEPT = {}, 0\n"
         "  function set_prefix(p)\n    rcall = redis.call\n    P = p\n"
+        f"    if not {_SHADOWED[0]} then\n"
+        "      local g = _G\n"
+        f"      {', '.join(_SHADOWED)} = {', '.join(f'g.{n}' for n in _SHADOWED)}\n"
+        "    end\n"
         "    local k = PREFIX_KEYS[p]\n"
         "    if not k then\n"
         "      if PREFIXES_KEPT >= 256 then PREFIX_KEYS, PREFIXES_KEPT = {}, 0 end\n"
@@ -397,7 +419,15 @@ def contract_lua() -> str:
     lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
     lines.append(
-        _HELPERS % (SMALL_INTS, SMALL_INTS, contract.ID_WIDTH - 3, _lua_string(contract.SEP))
+        _HELPERS
+        % (
+            REMEMBERED_NUMBERS,
+            REMEMBERED_NUMBERS,
+            EXACT_INTEGERS,
+            EXACT_INTEGERS,
+            contract.ID_WIDTH - 3,
+            _lua_string(contract.SEP),
+        )
     )
     # Only the codecs some script uses: each is a local of the library's main chunk, which Lua
     # 5.1 allows 200 (see library()).

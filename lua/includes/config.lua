@@ -14,7 +14,8 @@
   pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value),
   pool_add(field, delta, floor) -> new, old, pool_int(field) -> number (0 when absent),
   pool_del(field), pool_fields() -> every field and its text (a table: loop over it, not over
-  POOL), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and load_cfg_hot(caller, band) -> false when the pool has no
+  POOL), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and
+  load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
   now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
   ms (TIME is read once per call, and only when a transition needs the time), pool_hints() ->

@@ -340,7 +340,7 @@ def _operation_lua(record: contract.Record) -> str:
 
 
 # Globals the library reads as locals of its chunk (contract_lua): the ones its hot paths read
-# most (~60 of ~90 global reads per queued admission, docs/scaling.md). Each is one of the
+# most (~50 of ~90 global reads per queued admission, docs/scaling.md). Each is one of the
 # chunk's 200 locals (tests/test_lua_loader.py keeps ten spare).
 _SHADOWED = ("pairs", "string", "math")
 

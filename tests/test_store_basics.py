@@ -288,6 +288,35 @@ async def test_a_tick_reranks_every_workload_also_when_it_evicted_from_the_band(
     assert await store.client.zrange(rank, 0, -1, withscores=True) == [(member, head_part)]
 
 
+async def test_a_flow_stays_in_the_round_while_its_workload_has_another_lane(
+    backend: Backend,
+) -> None:
+    """Round-robin fairness with workload-aware ordering: a dispatch that empties one lane of a
+    workload leaves the flow in the band's round when the workload has another lane there, whose
+    ranking the dispatch's re-rank defers (found by the equivalence property: the flow left the
+    round while its ranking set was empty for the moment, and its last item was never
+    dispatched)."""
+    cfg = make_config(
+        limit=1,
+        flowControl={
+            "defaultPriorityBand": {
+                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
+                "orderingPolicy": {"type": "workload-aware-ordering-policy"},
+            }
+        },
+    )
+    store = backend.store(cfg)
+    await store.configure(now=0)
+    holder = await enq(store, 0, workload="w")
+    first = await enq(store, 1, workload="w", criticality=4)
+    second = await enq(store, 2, workload="w", criticality=2)
+    assert (first.status, second.status) == (ScriptStatus.QUEUED, ScriptStatus.QUEUED)
+    took = await store.release(holder.item_id, now=3)
+    assert [d.item_id for d in took.deliveries] == [first.item_id]
+    took = await store.release(first.item_id, now=4)
+    assert [d.item_id for d in took.deliveries] == [second.item_id]
+
+
 async def test_a_batch_releases_the_slots_it_granted_in_the_same_call(backend: Backend) -> None:
     """batch.lua writes its caller's new held slots with one command when it ends (includes/
     dispatch.lua grants); a release later in the same call still finds them, named with its

@@ -80,6 +80,8 @@ do
     rcall('ZADD', K_RANK .. suffix, int(workload_key(ema, rate, b) + best.key), best.member)
   end
 
+  -- Returns whether the workload still has a lane in the ranking set (ranked there, or to be
+  -- ranked by the deferred re-rank).
   local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
     local suffix = rank_suffix(b, parts)
     local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
@@ -95,25 +97,26 @@ do
     elseif mine and (not old or better(mine, old)) then
       best = mine
     end
-    if best == old then return end
+    if best == old then return old ~= nil end
     if old and (not best or old.member ~= best.member) then rcall('ZREM', K_RANK .. suffix, old.member) end
     group_set(parts.wid, suffix, best)
     if best and not deferred then
       rank_group(b, suffix, best, workload_metrics(parts.wid, now))
     end
+    return best ~= nil
   end
 
   -- Puts the lane's current head into its ranking (removing the old head's entry if it changed).
   -- A rank member is the head id followed by the lane id; ties go to the lower head id. `head` and
   -- `in_lane` are the new head and its key in the lane when the caller knows them (else read);
   -- `parts` the lane's fields (band, flow, wid, crit: a record of one of its items will do), else
-  -- parsed from the lane id. Returns the head id, or false when the lane is empty.
+  -- parsed from the lane id. Returns the head id, or false when the lane is empty; and, for a
+  -- lane in a workload's group, whether the group keeps a lane in the ranking set.
   function rank_lane(lane, b, old_head, now, deferred, head, in_lane, parts)
     parts = parts or parse_lane(lane)
     if head == nil then head, in_lane = lane_head(K_LANE .. lane, b) end
     if b.order == ORDER_WA and parts.wid ~= '' then
-      rank_grouped(lane, parts, b, old_head, head, now, deferred)
-      return head
+      return head, rank_grouped(lane, parts, b, old_head, head, now, deferred)
     end
     local rs = rankset_of(b, parts.band, parts.flow)
     if old_head and old_head ~= head then rcall('ZREM', rs, old_head .. lane) end
@@ -195,11 +198,13 @@ local function unqueue_item(id, rec, now, is_head, deferred)
   end
   item_del(id)
   if is_head then
-    local head = rank_lane(lane, b, id, now, deferred, nil, nil, rec)
-    if not head then
-      if b.fair == FAIR_RR and rcall('EXISTS', rankset_of(b, rec.band, rec.flow)) == 0 then
-        rcall('ZREM', K_FLOWS .. rec.band, rec.flow)
-      end
+    local head, grouped = rank_lane(lane, b, id, now, deferred, nil, nil, rec)
+    -- The flow leaves the band's round when its ranking set empties. A workload's other lane
+    -- there keeps it in, even when a deferred re-rank has not ranked that lane yet (the set
+    -- is empty until it does).
+    if not head and not grouped and b.fair == FAIR_RR
+      and rcall('EXISTS', rankset_of(b, rec.band, rec.flow)) == 0 then
+      rcall('ZREM', K_FLOWS .. rec.band, rec.flow)
     end
   end
   adjust_counts(rec, -1)

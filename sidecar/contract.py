@@ -191,7 +191,8 @@ KEYS: tuple[KeySpec, ...] = (
         "zset",
         "wrank:<ranking set suffix>|<workload>: a workload's workload-aware lanes in one ranking "
         "set, by their head's part of the key (WorkloadAwareOrdering.head_key), members "
-        "RANK_MEMBER; the ranking set holds only the best of them",
+        "RANK_MEMBER, while it has two or more there (the best alone is in the workload hash, "
+        "split_best); the ranking set holds only the best of them",
     ),
     KeySpec(
         "FLOWS",
@@ -410,12 +411,15 @@ def msgpack_stream(values: list[object]) -> bytes:
     return _PACK(values)[header:]
 
 
-def split_best(raw: str) -> tuple[float, str]:
-    """A workload's best lane in one ranking set (WGROUP_FIELD fields): 'key|rank member', its
-    head part of the key and its rank member (which holds SEP itself, so only the first one
-    splits; includes/registry.lua parse_best is the Lua twin)."""
-    key, _, member = raw.partition(SEP)
-    return float(key), member
+def split_best(raw: str) -> tuple[float, str, int]:
+    """A workload's best lane in one ranking set (WGROUP_FIELD fields): 'key|lanes|rank member',
+    its head part of the key, its rank member (which holds SEP itself, so only the first two
+    split) and how many queued lanes the workload has in that set (its group: the GROUP zset
+    exists only while it has two or more; includes/lanes.lua). includes/registry.lua parse_best
+    is the Lua twin."""
+    key, _, rest = raw.partition(SEP)
+    lanes, _, member = rest.partition(SEP)
+    return float(key), member, int(lanes)
 
 
 # Separates the ids in a reply field that lists several (reconcile.lua's missing ids).

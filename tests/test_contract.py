@@ -218,6 +218,30 @@ async def _check_layout(store: PoolStore, seen: set[str]) -> None:
         elif spec.suffix.endswith(":"):
             assert _ID.fullmatch(rest), key
         await _check_content(client, spec, key)
+    await _check_groups(store)
+
+
+async def _check_groups(store: PoolStore) -> None:
+    """A workload's best lane in a ranking set counts its queued lanes there, and its group zset
+    exists exactly when there are two or more, holding one member per lane."""
+    client, prefix = store.client, store.prefix
+    lanes: dict[tuple[str, str], int] = {}  # (workload, ranking set suffix) -> queued lanes
+    for raw_key in await client.keys(prefix + contract.LANE + "*"):
+        parts = contract.LANE_ID.parse(_text(raw_key)[len(prefix + contract.LANE) :])
+        if parts.get("wid"):
+            for suffix in (parts["band"], parts["band"] + contract.RANK_FLOW_SEP + parts["flow"]):
+                lanes[parts["wid"], suffix] = lanes.get((parts["wid"], suffix), 0) + 1
+    for raw_key in await client.keys(prefix + contract.WORKLOAD + "*"):
+        wid = _text(raw_key)[len(prefix + contract.WORKLOAD) :]
+        for f, v in (await client.hgetall(raw_key)).items():
+            field, value = _text(f), _text(v)
+            if not field.startswith(contract.WGROUP_FIELD) or not value:
+                continue
+            suffix = field[len(contract.WGROUP_FIELD) :]
+            n = contract.split_best(value)[2]
+            assert n == lanes.get((wid, suffix)), (wid, suffix, n)
+            group = prefix + contract.GROUP + suffix + contract.GROUP_SEP + wid
+            assert await client.zcard(group) == (n if n >= 2 else 0), (wid, suffix, n)
 
 
 def _check_hash(spec: contract.KeySpec, key: str, fields: dict[str, str]) -> None:
@@ -294,12 +318,14 @@ async def test_scripts_write_exactly_the_documented_keys(hold_tickets: bool) -> 
     holder = await r1.enqueue(now=20, band=0, flow="f", workload=team, **args)
     await _check_layout(r1, seen)
     await r2.enqueue(now=30, band=0, flow="f", workload=team, **{**args, "criticality": 4})
+    # A second lane of the workload in the same ranking set: its group gets a zset.
+    await r1.enqueue(now=35, band=0, flow="f", workload=team, **{**args, "criticality": 2})
     await r2.enqueue(now=40, band=1, flow=escape_id("x/y"), workload="", **args)
     await r1.enqueue(now=50, band=1, flow="z", workload="", **args)
     await r1.enqueue(now=60, band=-1, flow="f", workload="", lease_ms=lease, **args)
     await _check_layout(r1, seen)
     current, now = holder.item_id, 100
-    for _ in range(4):
+    for _ in range(5):
         # Only the replica holding a slot (or anyone, for a ticket's) releases it.
         replies = [await s.release(current, now=now) for s in stores]
         assert ScriptStatus.DISPATCHED in {r.status for r in replies}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar import contract
+from sidecar.config import Config
 from sidecar.outcome import ScriptStatus
 from sidecar.store import PoolStore
 from tests.conftest import Backend, make_config
@@ -95,17 +96,15 @@ async def test_fcfs_and_edf_orderings(backend: Backend) -> None:
     assert await drain(store, first.item_id, 300) == [early.item_id, same.item_id, late.item_id]
 
 
+def round_robin(ordering: str) -> Config:
+    """One slot, and the default band round-robin over flows with ``ordering`` inside each."""
+    fairness = {"type": "round-robin-fairness-policy"}
+    band = {"fairnessPolicy": fairness, "orderingPolicy": {"type": ordering}}
+    return make_config(limit=1, flowControl={"defaultPriorityBand": band})
+
+
 async def test_round_robin_fairness_alternates_flows(backend: Backend) -> None:
-    cfg = make_config(
-        limit=1,
-        flowControl={
-            "defaultPriorityBand": {
-                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
-                "orderingPolicy": {"type": "fcfs-ordering-policy"},
-            }
-        },
-    )
-    store = backend.store(cfg)
+    store = backend.store(round_robin("fcfs-ordering-policy"))
     await store.configure(now=0)
     first = await enq(store, 1)
     a = [(await enq(store, 2, flow="a")).item_id for _ in range(3)]
@@ -278,8 +277,12 @@ async def test_a_tick_reranks_every_workload_also_when_it_evicted_from_the_band(
     for _ in range(3):  # a request rate that raises the workload's part of the key
         assert (await enq(store, 0, workload="busy")).status is ScriptStatus.QUEUED
     await enq(store, 0, workload="brief", flow="g", ttl_ms=100)
-    rank, group = store.key(contract.RANK + "0"), store.key(f"{contract.GROUP}0|busy")
-    ((member, head_part),) = await store.client.zrange(group, 0, 0, withscores=True)
+    # The workload's one lane in the set: its best, kept in the workload hash (no group zset).
+    rank, workload = store.key(contract.RANK + "0"), store.key(contract.WORKLOAD + "busy")
+    best = await store.client.hget(workload, contract.WGROUP_FIELD + "0")
+    head_part, name, lanes = contract.split_best(best.decode())
+    member = name.encode()
+    assert lanes == 1
     assert await store.client.zscore(rank, member) != head_part  # plus the rate's part
 
     # Ten seconds on the rate window (2 s) is empty: the workload's part of the key is 0. The
@@ -296,16 +299,7 @@ async def test_a_flow_stays_in_the_round_while_its_workload_has_another_lane(
     ranking the dispatch's re-rank defers (found by the equivalence property: the flow left the
     round while its ranking set was empty for the moment, and its last item was never
     dispatched)."""
-    cfg = make_config(
-        limit=1,
-        flowControl={
-            "defaultPriorityBand": {
-                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
-                "orderingPolicy": {"type": "workload-aware-ordering-policy"},
-            }
-        },
-    )
-    store = backend.store(cfg)
+    store = backend.store(round_robin("workload-aware-ordering-policy"))
     await store.configure(now=0)
     holder = await enq(store, 0, workload="w")
     first = await enq(store, 1, workload="w", criticality=4)

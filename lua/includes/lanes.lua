@@ -59,11 +59,13 @@ end
 -- the do block keep them off the library's main-chunk locals, scripts.py library()).
 local rank_lane, rerank_workload
 do
-  -- A workload's workload-aware lanes in one ranking set form a group (wrank:<suffix>|<wid>, by
-  -- the head's part of the key); the ranking set holds only the group's best lane, keyed by the
-  -- workload's part plus that head part. So a change of the workload's counters re-ranks one
-  -- member per ranking set, however many lanes it has. The best is also kept in the workload's
-  -- hash (includes/registry.lua), so re-ranking reads nothing more.
+  -- A workload's workload-aware lanes in one ranking set form a group, by the head's part of the
+  -- key; the ranking set holds only the group's best lane, keyed by the workload's part plus that
+  -- head part. So a change of the workload's counters re-ranks one member per ranking set,
+  -- however many lanes it has. The best, and how many lanes the group has, are kept in the
+  -- workload's hash (includes/registry.lua), so re-ranking reads nothing more; only a group of
+  -- two or more lanes has a zset ranking them (wrank:<suffix>|<wid>): most workloads queue in
+  -- one lane per set, and their lanes come and go with no command for the group.
   local function rank_suffix(b, parts)
     if b.fair == FAIR_RR then return parts.band .. RANK_FLOW_SEP .. parts.flow end
     return parts.band
@@ -80,30 +82,61 @@ do
     rcall('ZADD', K_RANK .. suffix, int(workload_key(ema, rate, b) + best.key), best.member)
   end
 
+  -- The group's best after the lane's head went from `old_head` to `head` (either false: the
+  -- lane was empty, or is now), with its count of lanes `n`, given the best before (`old`, nil
+  -- when the group was empty), `gone` (the lane's old member) and `mine` (its new one).
+  local function new_best(gk, old, gone, mine, n)
+    local was = old and old.n or 0
+    if n == 0 then return nil end
+    if n == 1 then
+      if was <= 1 then return mine end
+      -- Two lanes, and this one emptied: the other is the best, and the zset goes (both popped).
+      local hs = rcall('ZPOPMIN', gk, '2')
+      if old.member ~= gone then return old end
+      if hs[1] == gone then return { key = tonumber(hs[4]), member = hs[3] } end
+      return { key = tonumber(hs[2]), member = hs[1] }
+    end
+    if was == 1 then
+      -- A second lane: the zset starts with both.
+      rcall('ZADD', gk, int(old.key), old.member, int(mine.key), mine.member)
+    else
+      if gone and gone ~= (mine and mine.member) then rcall('ZREM', gk, gone) end
+      if mine then rcall('ZADD', gk, int(mine.key), mine.member) end
+    end
+    if old and gone and old.member == gone then
+      -- The best lane lost its head: the next best is whatever the group now ranks first.
+      local hs = rcall('ZRANGE', gk, '0', '0', 'WITHSCORES')
+      return { key = tonumber(hs[2]), member = hs[1] }
+    end
+    if mine and (not old or better(mine, old)) then return mine end
+    return old
+  end
+
   -- Returns whether the workload still has a lane in the ranking set (ranked there, or to be
   -- ranked by the deferred re-rank).
   local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
     local suffix = rank_suffix(b, parts)
-    local gk = K_GROUP .. suffix .. GROUP_SEP .. parts.wid
     local old = groups_of(parts.wid)[suffix]
+    local n = old and old.n or 0
+    if not old_head then n = n + 1 elseif not head then n = n - 1 end
     local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
-    if old_head and old_head ~= head then rcall('ZREM', gk, old_head .. lane) end
-    if mine then rcall('ZADD', gk, int(mine.key), mine.member) end
-    local best = old
-    if old and old_head and old.member == old_head .. lane then
-      -- The best lane lost its head: the next best is whatever the group now ranks first.
-      local hs = rcall('ZRANGE', gk, '0', '0', 'WITHSCORES')
-      best = hs[1] and { key = tonumber(hs[2]), member = hs[1] } or nil
-    elseif mine and (not old or better(mine, old)) then
-      best = mine
+    local best = new_best(K_GROUP .. suffix .. GROUP_SEP .. parts.wid, old,
+      old_head and old_head .. lane, mine, n)
+    if best == old then
+      -- The same best; only the group's count may have moved.
+      if old and old.n ~= n then
+        old.n = n
+        group_set(parts.wid, suffix, old)
+      end
+      return n > 0
     end
-    if best == old then return old ~= nil end
     if old and (not best or old.member ~= best.member) then rcall('ZREM', K_RANK .. suffix, old.member) end
+    if best then best.n = n end
     group_set(parts.wid, suffix, best)
     if best and not deferred then
       rank_group(b, suffix, best, workload_metrics(parts.wid, now))
     end
-    return best ~= nil
+    return n > 0
   end
 
   -- Puts the lane's current head into its ranking (removing the old head's entry if it changed).

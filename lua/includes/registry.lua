@@ -2,7 +2,7 @@
   The workload registry: per-workload counters (request rate, EMA of waits, active requests, last
   request), written only here, inside the transitions that change them, and each workload's best
   queued workload-aware lane per ranking set (field WGROUP_FIELD .. ranking set suffix -> 'head
-  key|rank member', see includes/lanes.lua), which re-ranking reads with the counters. Python reads the counters (sidecar/registry.py, whose
+  key|lanes|rank member', see includes/lanes.lua), which re-ranking reads with the counters. Python reads the counters (sidecar/registry.py, whose
   window_rate and ema_update are the twins of rate_from and record_wait).
   A workload's hash is read at most once per call (HGETALL: counters and lanes together) and
   kept here; the fields that changed are written back once, by flush_workloads. A release that
@@ -11,7 +11,7 @@
   track(wid, now, counters_only),
   record_wait(wid, wait_s, joined), add_active(wid, delta), workload_done(wid),
   workload_metrics(wid, now) -> ema, rate, wstate(wid, counters_only) -> the cached state, groups_of(wid) -> { suffix = best },
-  group_set(wid, suffix, best or nil) with best = { key, member }, compact_workload(wid),
+  group_set(wid, suffix, best or nil) with best = { key, member, n (the group's lanes) }, compact_workload(wid),
   forget_workload(wid) after its hash was deleted,
   flush_workloads().
   Needs: contract, config.
@@ -319,7 +319,7 @@ do
         for suffix in pairs(dirty_groups) do
           local best = w.groups[suffix]
           args[n + 1], args[n + 2] = WGROUP_FIELD .. suffix,
-            best and encode_best(best.key, best.member) or ''
+            best and encode_best(best) or ''
           n = n + 2
           dirty_groups[suffix] = nil
         end

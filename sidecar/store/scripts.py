@@ -442,15 +442,20 @@ def contract_lua() -> str:
         f"[{_lua_string(t)}] = {len(r.fields)}" for t, r in contract.OPERATIONS.items()
     )
     lines.append(f"local OP_ARITY = {{ {arity} }}\n")
-    lines.append(_BEST)
+    # The BEST record's three fields in one string.match: the first two hold no SEP.
+    sep = re.escape(contract.SEP).replace("\\", "%")
+    lines.append(_BEST.replace("BEST_PATTERN", f"'^([^{sep}]*){sep}([^{sep}]*){sep}(.*)$'"))
     return "".join(lines)
 
 
-# A workload's best lane ('key|rank member', the key a whole number: contract.RANK_KEY_SCALE):
-# the member holds SEP itself, so only the first SEP splits (Python twin: contract.split_best).
-_BEST = """local function encode_best(key, member) return int(key) .. SEP .. member end
+# A workload's best lane and its group's count of lanes ('key|lanes|rank member', the key a whole
+# number: contract.RANK_KEY_SCALE): the member holds SEP itself, so only the first two SEPs split
+# (Python twin: contract.split_best).
+_BEST = """local function encode_best(best)
+  return int(best.key) .. SEP .. int(best.n) .. SEP .. best.member
+end
 local function parse_best(raw)
-  local j = string.find(raw, SEP, 1, true)
-  return { key = tonumber(string.sub(raw, 1, j - 1)), member = string.sub(raw, j + 1) }
+  local key, n, member = string.match(raw, BEST_PATTERN)
+  return { key = NUMBER_OF[key] or tonum(key), n = NUMBER_OF[n] or tonum(n), member = member }
 end
 """

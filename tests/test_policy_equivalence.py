@@ -217,6 +217,31 @@ operations = st.lists(
     every=(2, 5),
     mode="requests",
 )
+# Found by this property (in one file ordering only): under round-robin fairness, a dispatch that
+# emptied a workload's best lane dropped its flow from the round while the workload's other lane
+# there waited for the deferred re-rank (lua/includes/lanes.lua unqueue_item), so that lane's
+# items were never dispatched.
+@example(
+    raw_config={
+        "flowControl": {
+            "maxRequests": 0,
+            "maxBytes": 0,
+            "defaultPriorityBand": {
+                "fairnessPolicy": {"type": "round-robin-fairness-policy"},
+                "orderingPolicy": {"type": "workload-aware-ordering-policy"},
+            },
+            "priorityBands": [],
+        },
+    },
+    ops=[
+        ("e", 0, 0, 0, flow, wid, crit, 1, 2000, 0, 0, 0)
+        for flow, wid, crit in [("a", "beta", 1), ("d", "alpha", 3), ("d", "alpha", 4)]
+    ],
+    limit=1,
+    hold_ms=0,
+    every=(1_000_000, 1_000_000),
+    mode="requests",
+)
 async def test_lua_matches_reference_model(
     backend: Backend,
     raw_config: dict[str, Any],

@@ -522,6 +522,8 @@ class FlowController:
             if pending is not None and pending.requeueable:
                 with contextlib.suppress(StoreError):
                     await asyncio.shield(pending.requeue())
+            elif pending is not None:
+                pending.lost_while_expiring()
 
     async def _recover_from_loss(self, _now: int | None = None) -> None:
         """The store hook for a pool without configuration, and the heartbeat's answer to a new
@@ -567,6 +569,8 @@ class FlowController:
                 # A failure reaches the request's own result(); the others still go.
                 with contextlib.suppress(StoreError):
                     await asyncio.shield(pending.requeue())
+            else:
+                pending.lost_while_expiring()
 
     def _live_tickets(self) -> list[tuple[str, str, int, int]]:
         now = asyncio.get_running_loop().time()

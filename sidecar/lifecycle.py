@@ -143,6 +143,13 @@ class Pending:
         self._ctrl.hold(item_id, self.workload, self.lease_ms, self.request.tokens)
         self.settle(Admission(Outcome.DISPATCHED, item_id, wait_ms))
 
+    def lost_while_expiring(self) -> None:
+        """The pool lost this request's item (the replica was reclaimed, or Redis its data)
+        while its TTL ran out here, its dispatch waiting for a heartbeat: it takes no new
+        place, since it outlived its TTL."""
+        if self._expiring:
+            self.settle(Admission(Outcome.EVICTED_TTL, self.item_id))
+
     def settle(self, admission: Admission) -> None:
         if not self._done.done():
             self._done.set_result(admission)
@@ -204,6 +211,10 @@ class Pending:
         if reply.status is ScriptStatus.DISPATCHED:
             # Dispatched while the timer fired: the slot is ours, so the request may still go.
             self._dispatched(item_id, self._ctrl.elapsed_ms(self))
+            if not self._done.done():
+                # Read while this replica's lease is in doubt: the next heartbeat says whether
+                # the slot is still ours (FlowController.defer_if_lease_in_doubt).
+                return await asyncio.shield(self._done)
             return self._done.result()
         # Removed here, or already by another replica's maintenance (its wake-up is still on the
         # way): either way the request outlived its TTL.

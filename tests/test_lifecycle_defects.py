@@ -421,3 +421,49 @@ async def test_a_release_never_overtakes_a_reconcile_that_lists_its_slot(backend
         assert (await stats(ctrl))["inflight"] == 0
     finally:
         await ctrl.stop()
+
+
+@pytest.mark.parametrize("reclaimed", [False, True], ids=["pool-knows-a", "reclaimed"])
+async def test_a_dispatch_found_by_the_ttl_cancel_while_the_lease_is_in_doubt_waits_for_the_pool(
+    backend: Backend, reclaimed: bool
+) -> None:
+    """Found by the chaos run (a 500 with no outcome header, during a pause): the request's TTL
+    ran out here while its dispatch's wake-up was unread, so the TTL cancel found the item in
+    flight; with the replica's lease in doubt the dispatch waits for a heartbeat
+    (FlowController.defer_if_lease_in_doubt), and the request took the outcome it did not have
+    yet (InvalidStateError). It waits for the heartbeat: if the pool still knows the replica the
+    request goes with the slot; if it reclaimed the replica, the request's TTL has run out."""
+    clock = [1_000_000]
+    config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
+    a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
+    b = FlowController(backend.store(config, "b"), clock=lambda: clock[0])
+    await a.start(loops=False)
+    await b.start(loops=False)
+    try:
+        held = await a.enqueue_and_wait(req("h"))
+        waiting = asyncio.create_task(a.enqueue_and_wait(req("q", ttl_ms=200)))
+        await eventually(lambda: a.waiting == 1)
+        sink, unread = a.store.sink, list[Delivery]()
+        a.store.sink = unread.extend  # the dispatch's wake-up waits in A's socket
+        await a.release(held.item_id)
+        a.store.sink = sink
+        assert [d.status for d in unread] == [contract.ScriptStatus.DISPATCHED]
+        a._last_beat = asyncio.get_running_loop().time() - 10  # A slept past its lease
+        # The TTL (200 ms on A's loop) runs out: its cancel finds the item in flight.
+        await eventually(lambda: len(a._deferred) == 1 or waiting.done())
+        assert not waiting.done()
+        if reclaimed:
+            await HolderAndWaiter(clock, a, b, held, waiting).b_reclaims_a()
+        await a.heartbeat()
+        admitted = await asyncio.wait_for(waiting, 10)
+        if reclaimed:
+            assert admitted.outcome is Outcome.EVICTED_TTL and a.held == 0
+        else:
+            assert admitted.outcome is Outcome.DISPATCHED
+            assert admitted.item_id == unread[0].item_id and a.held == 1
+            await a.release(admitted.item_id)
+        await eventually(lambda: not a._background)  # the reclaimed slot's release, if any
+        assert (await stats(a))["inflight"] == 0
+    finally:
+        await a.stop()
+        await b.stop()

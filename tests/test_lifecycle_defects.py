@@ -323,7 +323,9 @@ class HolderAndWaiter:
 
 
 @contextlib.asynccontextmanager
-async def holder_and_waiter(backend: Backend) -> AsyncIterator[HolderAndWaiter]:
+async def holder_and_waiter(
+    backend: Backend, waiter_ttl_ms: int = 30_000
+) -> AsyncIterator[HolderAndWaiter]:
     clock = [1_000_000]
     config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
     a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
@@ -332,7 +334,7 @@ async def holder_and_waiter(backend: Backend) -> AsyncIterator[HolderAndWaiter]:
     await b.start(loops=False)
     try:
         held = await a.enqueue_and_wait(req("h"))
-        waiting = asyncio.create_task(a.enqueue_and_wait(req("q")))
+        waiting = asyncio.create_task(a.enqueue_and_wait(req("q", ttl_ms=waiter_ttl_ms)))
         await eventually(lambda: a.waiting == 1)
         yield HolderAndWaiter(clock, a, b, held, waiting)
     finally:
@@ -433,19 +435,11 @@ async def test_a_dispatch_found_by_the_ttl_cancel_while_the_lease_is_in_doubt_wa
     (FlowController.defer_if_lease_in_doubt), and the request took the outcome it did not have
     yet (InvalidStateError). It waits for the heartbeat: if the pool still knows the replica the
     request goes with the slot; if it reclaimed the replica, the request's TTL has run out."""
-    clock = [1_000_000]
-    config = make_config(limit=1, redis={"leaseTimeout": "1s", "heartbeatInterval": "200ms"})
-    a = FlowController(backend.store(config, "a"), clock=lambda: clock[0])
-    b = FlowController(backend.store(config, "b"), clock=lambda: clock[0])
-    await a.start(loops=False)
-    await b.start(loops=False)
-    try:
-        held = await a.enqueue_and_wait(req("h"))
-        waiting = asyncio.create_task(a.enqueue_and_wait(req("q", ttl_ms=200)))
-        await eventually(lambda: a.waiting == 1)
+    async with holder_and_waiter(backend, waiter_ttl_ms=200) as run:
+        a, waiting = run.a, run.waiting
         sink, unread = a.store.sink, list[Delivery]()
         a.store.sink = unread.extend  # the dispatch's wake-up waits in A's socket
-        await a.release(held.item_id)
+        await a.release(run.held.item_id)
         a.store.sink = sink
         assert [d.status for d in unread] == [contract.ScriptStatus.DISPATCHED]
         a._last_beat = asyncio.get_running_loop().time() - 10  # A slept past its lease
@@ -453,7 +447,7 @@ async def test_a_dispatch_found_by_the_ttl_cancel_while_the_lease_is_in_doubt_wa
         await eventually(lambda: len(a._deferred) == 1 or waiting.done())
         assert not waiting.done()
         if reclaimed:
-            await HolderAndWaiter(clock, a, b, held, waiting).b_reclaims_a()
+            await run.b_reclaims_a()
         await a.heartbeat()
         admitted = await asyncio.wait_for(waiting, 10)
         if reclaimed:
@@ -464,6 +458,3 @@ async def test_a_dispatch_found_by_the_ttl_cancel_while_the_lease_is_in_doubt_wa
             await a.release(admitted.item_id)
         await eventually(lambda: not a._background)  # the reclaimed slot's release, if any
         assert (await stats(a))["inflight"] == 0
-    finally:
-        await a.stop()
-        await b.stop()

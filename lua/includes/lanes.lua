@@ -83,10 +83,10 @@ do
   end
 
   -- The group's best after the lane's head went from `old_head` to `head` (either false: the
-  -- lane was empty, or is now), with its count of lanes `n`, given the best before (`old`, nil
-  -- when the group was empty), `gone` (the lane's old member) and `mine` (its new one).
-  local function new_best(gk, old, gone, mine, n)
-    local was = old and old.n or 0
+  -- lane was empty, or is now), its count of lanes going from `was` to `n`, given the best
+  -- before (`old`, nil when the group was empty), `gone` (the lane's old member) and `mine` (its
+  -- new one).
+  local function new_best(gk, old, gone, mine, was, n)
     if n == 0 then return nil end
     if n == 1 then
       if was <= 1 then return mine end
@@ -117,14 +117,15 @@ do
   local function rank_grouped(lane, parts, b, old_head, head, now, deferred)
     local suffix = rank_suffix(b, parts)
     local old = groups_of(parts.wid)[suffix]
-    local n = old and old.n or 0
+    local was = old and old.n or 0
+    local n = was
     if not old_head then n = n + 1 elseif not head then n = n - 1 end
     local mine = head and { key = head_key(b, parts.crit, head), member = head .. lane }
     local best = new_best(K_GROUP .. suffix .. GROUP_SEP .. parts.wid, old,
-      old_head and old_head .. lane, mine, n)
+      old_head and old_head .. lane, mine, was, n)
     if best == old then
       -- The same best; only the group's count may have moved.
-      if old and old.n ~= n then
+      if old and was ~= n then
         old.n = n
         group_set(parts.wid, suffix, old)
       end

@@ -45,9 +45,12 @@ do
   -- number for it (FLUSHED); a call that stopped before it (an error) or changed the pool after
   -- it leaves init_config to empty every table in full.
   local READ_FIELDS, READ_N, FLUSHED = {}, 0, false
+  -- The fields the call's first prefetch read (load_cfg_hot's list, HOT_N of them), which
+  -- POOL_READ also has: kept by reference rather than copied into READ_FIELDS.
+  local HOT_READ, HOT_N = READ_FIELDS, 0
   -- Scratch lists, kept between calls: what a prefetch reads, and the flush's HSET arguments
   -- (each used with its length, so what a longer earlier use left past it is never read).
-  local WANT, ARGS, HOT_FIELDS, THESE = {}, {}, {}, {}
+  local WANT, ARGS, THESE = {}, {}, {}
   local function fetch_field(t, field)
     local n = PINT[field]
     if n then return int(n) end
@@ -71,10 +74,16 @@ do
     if not POOL then
       POOL = setmetatable({}, POOL_META)
     elseif FLUSHED then
-      local pool, read, keys = POOL, POOL_READ, READ_FIELDS
-      for i = 1, READ_N do
+      local pool, read, keys = POOL, POOL_READ, HOT_READ
+      for i = 1, HOT_N do
         local field = keys[i]
         -- (Only a key a table has is set to nil: assigning nil to one it lacks adds it.)
+        if read[field] then pool[field] = nil end
+        read[field] = nil
+      end
+      keys = READ_FIELDS
+      for i = 1, READ_N do
+        local field = keys[i]
         if read[field] then pool[field] = nil end
         read[field] = nil
       end
@@ -85,8 +94,8 @@ do
       clear(POOL_GONE)
       clear(PINT)
     end
-    READ_N, FLUSHED = 0, false
-    POOL_ALL, CFG, BANDS, NOW = false, nil, {}, nil
+    READ_N, HOT_N, FLUSHED = 0, 0, false
+    POOL_ALL, CFG, BANDS, NOW = false, nil, nil, nil
   end
 
   -- Neither read nor changed by this call yet.
@@ -129,6 +138,17 @@ do
     end
     if n == 0 then return end
     local v = rcall('HMGET', K_POOL, unpack(want, 1, n))
+    if fresh then
+      -- The call's first read: its list is kept as it is (HOT_READ), not copied.
+      local read, pool = POOL_READ, POOL
+      for i = 1, n do
+        local field, value = want[i], v[i]
+        read[field] = value
+        if value then pool[field] = value end
+      end
+      HOT_READ, HOT_N = want, n
+      return
+    end
     local keys, kept = READ_FIELDS, READ_N
     for i = 1, n do
       local field, value = want[i], v[i]
@@ -323,29 +343,20 @@ do
     return true
   end
 
-  -- The counters every admission reads, with the caller's owner number; when the last call left
-  -- a queue or every slot taken, also what the queued path reads (others are read when a path
-  -- needs them: includes/counters.lua). The configuration comes from the cache when its digest
-  -- still matches.
-  function load_cfg_hot(caller, band)
-    local cached = CONFIG_CACHE[K_POOL]
-    if not cached then return load_cfg() end
-    local c = cached.cfg
-    local h = pool_hints()
-    local number_field = REPLICA_NUMBER .. caller
-    local fields = HOT_FIELDS
+  -- The fields load_cfg_hot reads, into `fields` (kept per pool with what it was made from, so
+  -- a call like the one before it reuses it as it is): the counters every admission reads, with
+  -- the caller's owner number; when the last call left a queue or every slot taken (`queued`),
+  -- also what the queued path reads next: the queue's totals, the counters of the caller's
+  -- number, of the owner of the item queued last (`queuer`, whose items a dispatch here may
+  -- take) and of the band (the call's, or the one last touched). Others are read when a path
+  -- needs them (includes/counters.lua).
+  local function hot_fields(fields, number_field, num, queued, queuer, band, c)
     fields[1], fields[2], fields[3], fields[4], fields[5], fields[6] =
       CFG_DIGEST, 'qn', 'inflight', 'seq', number_field, ANON_FALLBACK
     local n = 6
-    local num = h.nums[caller]
-    if h.queued then
-      -- What a queued enqueue or a dispatch reads next: the queue's totals, the counters of the
-      -- caller's number, of the owner of the item queued last (whose items a dispatch here may
-      -- take) and of the band (the call's, or the one last touched).
+    if queued then
       fields[n + 1], fields[n + 2] = 'qbytes', QUEUED_BANDS
       n = n + 2
-      local queuer = h.queuer
-      if queuer == num then queuer = nil end
       if num then
         fields[n + 1], fields[n + 2], fields[n + 3] = OWNER_QUEUED .. num, OWNER_ID .. num,
           RECLAIM .. num
@@ -356,7 +367,6 @@ do
           RECLAIM .. queuer
         n = n + 3
       end
-      band = band or h.band
       if band then
         fields[n + 1], fields[n + 2] = BAND_QUEUED .. band, BAND_BYTES .. band
         n = n + 2
@@ -369,6 +379,33 @@ do
     if c.det == DETECTOR_UTILIZATION then
       fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'sat', 'satT', 'satN', 'since'
       n = n + 4
+    end
+    return n
+  end
+
+  -- The counters an admission reads (hot_fields) and the configuration, from the cache when its
+  -- digest still matches.
+  function load_cfg_hot(caller, band)
+    local cached = CONFIG_CACHE[K_POOL]
+    if not cached then return load_cfg() end
+    local c = cached.cfg
+    local h = pool_hints()
+    local num, queued, queuer = h.nums[caller], h.queued, nil
+    if queued then
+      queuer = h.queuer
+      if queuer == num then queuer = nil end
+      band = band or h.band
+    else
+      band = nil
+    end
+    local fields, n, number_field = h.hot, h.hot_n, h.hot_number_field
+    if not fields or h.hot_caller ~= caller or h.hot_num ~= num or h.hot_queued ~= queued
+      or h.hot_queuer ~= queuer or h.hot_band ~= band or h.hot_cfg ~= c then
+      fields, number_field = fields or {}, REPLICA_NUMBER .. caller
+      n = hot_fields(fields, number_field, num, queued, queuer, band, c)
+      h.hot, h.hot_n, h.hot_number_field = fields, n, number_field
+      h.hot_caller, h.hot_num, h.hot_queued, h.hot_queuer, h.hot_band, h.hot_cfg =
+        caller, num, queued, queuer, band, c
     end
     pool_prefetch(fields, true, n)
     if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
@@ -384,6 +421,8 @@ do
   -- Parsed once per configuration (BANDS is kept with it between calls): a band's record, or the
   -- template it falls back to, which the configuration alone decides.
   function band_cfg(band)
+    -- (Only configure.lua reads a band with no configuration loaded: BANDS is then made here.)
+    if not BANDS then BANDS = {} end
     local b = BANDS[band]
     if b then return b end
     local raw = POOL[CFG_BAND .. band]

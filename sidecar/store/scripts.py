@@ -367,7 +367,11 @@ def contract_lua() -> str:
         "local set_prefix\n"
         "do\n"
         "  local PREFIX_KEYS, PREFIXES_KEPT = {}, 0\n"
-        "  function set_prefix(p)\n    rcall = redis.call\n    P = p\n"
+        "  function set_prefix(p)\n"
+        # Calls come in runs on one pool (a coalesced call, a replica's own pool): its keys are
+        # set already.
+        "    if p == P then return end\n"
+        "    rcall, P = redis.call, p\n"
         f"    if not {_SHADOWED[0]} then\n"
         "      local g = _G\n"
         f"      {', '.join(_SHADOWED)} = {', '.join(f'g.{n}' for n in _SHADOWED)}\n"

@@ -26,7 +26,7 @@ if not ops then return redis.error_reply('batch: the operations are not a Messag
 -- The band of the first enqueue, if any, is read with the counters.
 local first_band = nil
 if ops[1] == OP_ENQUEUE then first_band = fields_op_enqueue(ops, 1) end
-if not load_cfg_hot(caller, first_band) then return { S_NO_CONFIG } end
+if not load_cfg_hot(caller, first_band) then return { S_NO_CONFIG, foreign_layout() } end
 -- The caller's new held slots are written together, when the call ends (includes/dispatch.lua).
 do
   local num = rawget(POOL, REPLICA_NUMBER .. caller)

@@ -15,7 +15,7 @@
     dispatched by a release here.
 ]]
 -- @include dispatch
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local caller, id, reason = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local function cancel(out)

@@ -15,7 +15,9 @@
              'fairness|ordering|maxReq|maxBytes|wW|cW|rW|maxWait s|maxRate|aging'
   Output:
     { 1, epoch } fresh pool, { 0, epoch } updated, { -2, band } refused: that band has queued items and the new
-    configuration changes its fairness or ordering policy (its queue structures would be orphaned).
+    configuration changes its fairness or ordering policy (its queue structures would be orphaned);
+    { -3, note } refused: the pool is in another Redis layout, named by its note (contract
+    LAYOUT_VERSION, POOL_LAYOUT).
 ]]
 -- @include items
 -- @include counters
@@ -32,6 +34,9 @@ for i = 2, #ARGV - 1, 2 do new[ARGV[i]] = ARGV[i + 1] end
 
 local epoch, hold = POOL.epoch, POOL.hold or '0'
 local fresh = not epoch
+-- A pool another version of the sidecar writes in its own Redis layout is left as it is: its
+-- replicas keep running on it (docs/upgrading.md).
+if not fresh and foreign_layout() then return { S_LAYOUT_MISMATCH, foreign_layout() } end
 if not fresh then
   for field, n in pairs(pool_fields()) do
     if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and n ~= '0' then
@@ -64,10 +69,11 @@ end
 pool_set('epoch', epoch)
 pool_set('hold', hold)
 for k, v in pairs(new) do pool_set(k, v) end
+-- Keeps the hash a hashtable (contract POOL_LAYOUT): its fields are found without a scan. It
+-- names the layout, and goes into the digest.
+pool_set(POOL_LAYOUT, POOL_LAYOUT_NOTE)
 -- The digest the hot scripts check their cached configuration against (includes/config.lua).
 pool_set(CFG_DIGEST, config_digest())
--- Keeps the hash a hashtable (contract POOL_LAYOUT): its fields are found without a scan.
-pool_set(POOL_LAYOUT, POOL_LAYOUT_NOTE)
 flush_pool()
 if fresh then return { 1, epoch } end
 return { 0, epoch }

@@ -22,7 +22,7 @@
     caller that reached an outcome in this call.
 ]]
 -- @include transitions
-if not load_cfg_hot(ARGV[2], ARGV[3]) then return { S_NO_CONFIG } end
+if not load_cfg_hot(ARGV[2], ARGV[3]) then return { S_NO_CONFIG, foreign_layout() } end
 -- Small numbers are looked up rather than read by tonumber (its strtod is dear).
 local r = reply(op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonum(ARGV[6]),
   tonum(ARGV[7]), tonumber(ARGV[8]), tonum(ARGV[9]), tonum(ARGV[10]) or 0, tonum(ARGV[11]) or 0,

@@ -19,7 +19,7 @@
 ]]
 -- @include owners
 -- @include counters
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local replica = ARGV[2]
 local known = rcall('ZSCORE', K_REPLICAS, replica)

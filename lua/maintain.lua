@@ -16,7 +16,7 @@
     each outcome 'id|status|wait_ms' is an item of the caller dispatched or evicted here.
 ]]
 -- @include dispatch
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local caller, interval, budget = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local due = tonumber(POOL.maint) or -math.huge

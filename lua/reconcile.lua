@@ -20,7 +20,7 @@
     'id|status|wait_ms' for the caller's items dispatched by the releases. { -1 } no config.
 ]]
 -- @include dispatch
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local replica, grace = ARGV[2], tonumber(ARGV[3])
 local num = owner_num(replica)

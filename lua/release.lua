@@ -13,7 +13,7 @@
     reclaimed), -1 no config; then 'id|status|wait_ms' for each item of the caller dispatched here.
 ]]
 -- @include transitions
-if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG } end
+if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG, foreign_layout() } end
 local tok = ARGV[4]
 if tok then tok = NUMBER_OF[tok] or tonum(tok) end
 local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}, ARGV[5], tok))

@@ -12,7 +12,7 @@
     { 1 } renewed, { 7 } not in flight (released or expired), { -1 } no config.
 ]]
 -- @include owners
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local id = ARGV[2]
 if rcall('HEXISTS', K_LEASED, id) == 0 then

@@ -14,7 +14,7 @@
     { number of slots added }, or { -1 } no config.
 ]]
 -- @include dispatch
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 local replica, added = ARGV[2], 0
 local num = owner_num(replica)

@@ -15,7 +15,7 @@
     { -1 } no config.
 ]]
 -- @include dispatch
-if not load_cfg() then return { S_NO_CONFIG } end
+if not load_cfg() then return { S_NO_CONFIG, foreign_layout() } end
 local now = clock(ARGV[1])
 pool_set('sat', fmt(tonumber(ARGV[3])))
 pool_set('satT', int(now))

@@ -91,14 +91,35 @@ SAMPLE_FIELDS = ("sat", "satT", "satStale", "satN", "since")
 # replica number sequence, next deadline second to sweep, lowest item bucket that may hold a
 # queued item, estimated tokens in flight.
 STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo", "tok")
+# The version of the Redis layout this file describes: raise it with every change that a sidecar
+# of the version before cannot read or would corrupt (a key, a field, a record's format). Two
+# versions never share a pool: configure.lua refuses a pool written in another layout, and every
+# script finds its configuration missing there (docs/upgrading.md). 2: a workload with one lane
+# in a ranking set has no group zset (756c948).
+LAYOUT_VERSION = 2
 # A field whose value is longer than Redis's hash-max-listpack-value (64 by default), written by
 # configure.lua, so Redis keeps the pool hash as a hashtable: every script reads and writes a
-# dozen of its fields, and in a listpack each of those is a scan of the whole hash.
+# dozen of its fields, and in a listpack each of those is a scan of the whole hash. Its value
+# also names the layout version, and the configuration digest (CFG_DIGEST) covers it.
 POOL_LAYOUT = "layout"
 POOL_LAYOUT_NOTE = (
+    f"layout {LAYOUT_VERSION}, hashtable: this value is longer than hash-max-listpack-value, "
+    "so each field is found without a scan"
+)
+# The note sidecars wrote before the note named a version (up to 1b7bfd2, whose layout is 2): a
+# pool that holds it is taken as this layout, and its note rewritten.
+POOL_LAYOUT_NOTE_UNVERSIONED = (
     "hashtable: this value is longer than hash-max-listpack-value, so each field is found "
     "without a scan"
 )
+
+
+def layout_is_ours(note: str | None) -> bool:
+    """Whether a pool whose POOL_LAYOUT field holds ``note`` (None: absent) is in this layout;
+    includes/config.lua foreign_layout() is its twin."""
+    return note is None or note in (POOL_LAYOUT_NOTE, POOL_LAYOUT_NOTE_UNVERSIONED)
+
+
 # A replica's held hash (held:<number>) carries the same field, written when the replica gets its
 # number and deleted when it is reclaimed (then the hash goes with its last slot): a replica holds
 # tens of slots, and every admission finds or adds one, each a scan of the hash in a listpack.
@@ -280,6 +301,9 @@ class ScriptStatus(enum.IntEnum):
     NO_CONFIG = -1
     # configure.lua refused: a band with queued items would change its fairness or ordering.
     CONFLICT = -2
+    # configure.lua refused: the pool was written by a sidecar with another Redis layout
+    # (LAYOUT_VERSION); the reply's second element is that pool's POOL_LAYOUT note.
+    LAYOUT_MISMATCH = -3
 
 
 # --- Item ids ---------------------------------------------------------------------------------

@@ -13,3 +13,8 @@ class StoreError(SidecarError):
 
 class ConfigConflictError(SidecarError):
     """The pool's stored configuration cannot be replaced while a band holds queued items."""
+
+
+class LayoutMismatchError(StoreError):
+    """The pool in Redis was written by a sidecar with another Redis layout
+    (contract.LAYOUT_VERSION); this one neither reads nor changes it (docs/upgrading.md)."""

@@ -17,7 +17,13 @@ from sidecar.policies.base import FairnessPolicy, OrderingPolicy
 from sidecar.policies.ordering import WorkloadAwareOrdering
 from sidecar.store import PoolStore
 from sidecar.store.pool import _parse_reply
-from sidecar.store.scripts import REMEMBERED_NUMBERS, contract_lua, expand_includes
+from sidecar.store.scripts import (
+    REMEMBERED_NUMBERS,
+    contract_lua,
+    expand_includes,
+    lua_codes,
+    names_used_by_scripts,
+)
 from tests.conftest import make_config
 from tests.pool_keys import inflight_records
 
@@ -171,8 +177,12 @@ async def test_python_writes_records_lua_reads() -> None:
     band = contract.BAND_CONFIG.encode("rr", "wa", 3, 4, 0.4, 0.4, 0.2, 60.0, 100.0, 0.25)
     got = await _lua(f"local b = parse_band('{band}') return {{ b.fair, b.order, fmt(b.aging) }}")
     assert [x.decode() for x in got] == ["rr", "wa", "0.25"]
-    statuses = await _lua("return { " + ", ".join(f"S_{s.name}" for s in ScriptStatus) + " }")
-    assert statuses == [int(s) for s in ScriptStatus]
+    # Every status and policy code the scripts name is defined as Python has it (the include
+    # defines no other: each is one of the library's 200 locals).
+    codes = {name: code for name, code in lua_codes().items() if name in names_used_by_scripts()}
+    assert {"S_DISPATCHED", "S_NO_CONFIG", "S_LAYOUT_MISMATCH", "FAIR_RR", "ORDER_WA"} <= set(codes)
+    got = await _lua("return { " + ", ".join(f"tostring({name})" for name in codes) + " }")
+    assert [x.decode() for x in got] == [code.strip("'") for code in codes.values()]
 
 
 # --- What the scripts write is the documented layout ------------------------------------------

@@ -16,10 +16,12 @@
   pool_del(field), pool_fields() -> every field and its text (a table: loop over it, not over
   POOL), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and
   load_cfg_hot(caller, band) -> false when the pool has no
-  configuration (Redis lost its data), config_digest() -> the 'cfgv' of the fields as they are
-  now, band_cfg(band) -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative
-  ms (TIME is read once per call, and only when a transition needs the time), pool_hints() ->
-  the pool's guesses that save reads (see HINTS).
+  configuration (Redis lost its data) or one in another Redis layout, config_digest() -> the
+  'cfgv' of the fields as they are now, foreign_layout() -> the pool's layout note when it
+  names another Redis layout (then load_cfg finds no configuration), else nil, band_cfg(band)
+  -> the band's parsed BAND_CONFIG record, clock(override) -> pool-relative ms (TIME is read
+  once per call, and only when a transition needs the time), pool_hints() -> the pool's guesses
+  that save reads (see HINTS).
   Needs: contract.
 ]]
 -- @include contract
@@ -28,8 +30,8 @@
 -- the do block (the library's main chunk is held to Lua's 200 locals).
 local POOL, CFG
 local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, pool_int,
-  pool_del, pool_hints, flush_pool, config_digest, load_cfg, load_cfg_hot, band_cfg, clock,
-  pool_add, pool_fields
+  pool_del, pool_hints, flush_pool, config_digest, foreign_layout, load_cfg, load_cfg_hot,
+  band_cfg, clock, pool_add, pool_fields
 do
   -- State of one call, emptied by init_config (each call runs begin_call first; the tables are
   -- kept, see clear in the contract include). POOL_READ:
@@ -302,7 +304,11 @@ do
   function config_digest()
     local parts = {}
     for field, value in pairs(POOL) do
-      if CFG_FIELD[field] or string.sub(field, 1, #CFG_BAND) == CFG_BAND then
+      -- (The layout note too: a pool made again by a sidecar of another layout, after Redis lost
+      -- the data, has another digest even with the same settings, so a cached configuration is
+      -- not taken for it: load_cfg checks the layout.)
+      if CFG_FIELD[field] or field == POOL_LAYOUT
+        or string.sub(field, 1, #CFG_BAND) == CFG_BAND then
         parts[#parts + 1] = field .. '=' .. value
       end
     end
@@ -335,9 +341,23 @@ do
     CONFIG_CACHE[K_POOL] = { ver = ver, cfg = CFG, bands = BANDS }
   end
 
+  -- The pool's layout note (contract POOL_LAYOUT) if it names a layout other than this
+  -- library's (contract LAYOUT_VERSION), else nil; a pool written before the note named a
+  -- version is in this layout. (After load_cfg or pool_load_all.)
+  function foreign_layout()
+    local note = rawget(POOL, POOL_LAYOUT)
+    if note == nil or note == POOL_LAYOUT_NOTE or note == POOL_LAYOUT_NOTE_UNVERSIONED then
+      return nil
+    end
+    return note
+  end
+
   function load_cfg()
     pool_load_all()
-    if not POOL.epoch then return false end
+    -- A pool in another layout is not read: to this library it has no configuration (the
+    -- script answers S_NO_CONFIG and the note), and configure.lua, which the caller runs next,
+    -- refuses it (S_LAYOUT_MISMATCH).
+    if not POOL.epoch or foreign_layout() then return false end
     CFG, BANDS = read_settings(POOL), {}
     remember_cfg()
     return true

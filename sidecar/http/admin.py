@@ -29,19 +29,32 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: not draining, Redis answering within the timeout, and the pool configured."""
+    """Ready: not draining, Redis answering within the timeout, and the pool configured in this
+    version's Redis layout (docs/upgrading.md)."""
     service = request.app[SERVICE]
     if service.draining:
         return web.Response(status=503, text="shutting down\n")
     store = service.controller.store
     try:
         async with asyncio.timeout(service.config.redis.timeout * 4):
-            configured = await store.client.hexists(store.key(contract.POOL), "epoch")
+            epoch, note = await store.client.hmget(
+                store.key(contract.POOL), "epoch", contract.POOL_LAYOUT
+            )
     except Exception as exc:  # timeouts, OSError, redis-py's own hierarchy: all mean not ready
         return web.Response(status=503, text=f"store unreachable: {exc}\n")
-    if not configured:
+    if epoch is None:
         return web.Response(status=503, text="pool not configured yet\n")
+    if not contract.layout_is_ours(None if note is None else _text(note)):
+        return web.Response(
+            status=503,
+            text=f"pool in another Redis layout ({_text(note).split(',')[0]}), this version "
+            f"writes layout {contract.LAYOUT_VERSION}: see docs/upgrading.md\n",
+        )
     return web.Response(text="ready\n")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 async def state(request: web.Request) -> web.Response:

@@ -13,7 +13,7 @@ from aiohttp import web
 from sidecar.breaker import CircuitBreaker
 from sidecar.config import Config
 from sidecar.controller import Admission, FlowController
-from sidecar.errors import StoreError
+from sidecar.errors import LayoutMismatchError, StoreError
 from sidecar.http import admin, api
 from sidecar.http.keys import SERVICE, SESSION, UPSTREAM
 from sidecar.http.limits import oversized
@@ -106,6 +106,11 @@ async def start_service(service: AdmissionService) -> None:
     """Configures the pool and starts the replica's loops; tolerates Redis being down at start."""
     try:
         await service.controller.start()
+    except LayoutMismatchError as exc:
+        # Not ready, and retrying: once the other version's pool is gone, this replica starts.
+        log.error("%s; not ready, will keep trying", exc)
+        service.controller.start_loops()
+        return
     except StoreError as exc:
         log.warning("Redis unavailable at start (%s); will keep trying", exc)
         service.controller.start_loops()

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError, ResponseError
 from sidecar import contract
 from sidecar.breaker import CircuitBreaker
 from sidecar.config import Config, ResolvedBand
-from sidecar.errors import ConfigConflictError, StoreError
+from sidecar.errors import ConfigConflictError, LayoutMismatchError, StoreError
 from sidecar.keys import pool_prefix
 from sidecar.outcome import ScriptStatus
 from sidecar.policies import WorkloadAwareOrdering
@@ -266,6 +266,7 @@ class PoolStore:
         stamp = "" if now is None else str(now)
         raw = await self._run(name, [stamp, *args])
         if _no_config(raw):
+            self._refuse_foreign_layout(raw)
             log.warning("pool %s has no configuration in Redis (restarted?)", self.config.pool)
             await self.on_lost(now)
             raw = await self._run(name, [stamp, *args])
@@ -277,8 +278,24 @@ class PoolStore:
         """A script call that does not run the recovery hook (the hook's own calls)."""
         raw = await self._run(name, ["" if now is None else str(now), *args])
         if _no_config(raw):
+            self._refuse_foreign_layout(raw)
             raise StoreError(f"{name}: the pool has no configuration")
         return raw
+
+    def _refuse_foreign_layout(self, raw: Sequence[Any]) -> None:
+        """A script found no configuration because the pool is in another Redis layout (the
+        reply carries the pool's layout note): nothing to recover, so no configure is run."""
+        if len(raw) > 1 and raw[1] is not None:
+            raise LayoutMismatchError(self._layout_message(_text(raw[1])))
+
+    def _layout_message(self, note: str) -> str:
+        return (
+            f"pool {self.config.pool!r} in Redis is in another layout ({note.split(',')[0]!r}); "
+            f"this sidecar reads and writes layout {contract.LAYOUT_VERSION}. Two versions "
+            "with different layouts cannot share a pool: give this version its own pool name "
+            "or Redis database, or stop the other version's replicas and delete the pool's keys "
+            "(docs/upgrading.md)"
+        )
 
     def _reply(self, raw: list[Any] | bytes | int, item_id: str = "") -> ScriptReply:
         reply = _parse_reply(raw, item_id)
@@ -295,6 +312,8 @@ class PoolStore:
         hold_ms = round(self.config.redis.recovery_hold_s * 1000) if recovering else 0
         args = ["" if now is None else str(now), *self._config_args, "recover", str(hold_ms)]
         raw = await self._run("configure", args)
+        if int(raw[0]) == ScriptStatus.LAYOUT_MISMATCH:
+            raise LayoutMismatchError(self._layout_message(_text(raw[1])))
         if int(raw[0]) == ScriptStatus.CONFLICT:
             raise ConfigConflictError(
                 f"band {_text(raw[1])} has queued requests under a different fairness or ordering "

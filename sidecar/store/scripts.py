@@ -152,9 +152,10 @@ _HEADER = """--[[
   The Python <-> Lua contract, generated from sidecar/contract.py by sidecar/store/scripts.py
   (do not write these names by hand anywhere else).
   Provides: rcall; P, the pool prefix (KEYS[1]); K_<name> keys and key stems; S_<name> status
-  codes; OP_<name> batch operation tags; ID_WIDTH and item_id(seq); FAIR_<code> and
-  ORDER_<code> policy codes; fmt and int (numbers as Redis should store them); tonum(text)
-  (tonumber; numbers remembered both ways: NUMBER_OF, TEXT_OF); split; clear(t) -> t emptied;
+  codes and FAIR_<code>, ORDER_<code> policy codes (those some script names); OP_<name> batch
+  operation tags; ID_WIDTH and item_id(seq); fmt and int (numbers as Redis should store them);
+  tonum(text) (tonumber; numbers remembered both ways: NUMBER_OF, TEXT_OF); split; clear(t) -> t
+  emptied;
   encode_<record>(...) and parse_<record>(raw); fields_<record>(raw) -> its fields;
   fields_<operation>(values, at) -> its fields, OP_ARITY[tag] -> its values, tag included.
   Needs: nothing.
@@ -324,12 +325,21 @@ def _fields_lua(record: contract.Record) -> str:
     return f"{head}{_match_lua(record)}  return {listed}\nend\n"
 
 
-def _names_used_by_scripts() -> set[str]:
+def names_used_by_scripts() -> set[str]:
     """Every name the hand-written scripts and includes mention (comments too: that only keeps
     more)."""
     lua = _lua_dir()
     texts = [p.read_text() for p in (*lua.glob("*.lua"), *(lua / "includes").glob("*.lua"))]
     return set(re.findall(r"\w+", "".join(texts)))
+
+
+def lua_codes() -> dict[str, str]:
+    """Every status and policy code by the name the contract include gives it, with its Lua
+    value (the include defines those some script names: names_used_by_scripts)."""
+    codes = {f"S_{s.name}": str(int(s)) for s in contract.ScriptStatus}
+    codes |= {f"FAIR_{c.upper()}": _lua_string(c) for c in contract.FAIRNESS_CODES}
+    codes |= {f"ORDER_{c.upper()}": _lua_string(c) for c in contract.ORDERING_CODES}
+    return codes
 
 
 def _operation_lua(record: contract.Record) -> str:
@@ -411,6 +421,7 @@ def contract_lua() -> str:
         "ANON_FALLBACK",
         "POOL_LAYOUT",
         "POOL_LAYOUT_NOTE",
+        "POOL_LAYOUT_NOTE_UNVERSIONED",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
     settings = ", ".join(f"{f} = true" for f in contract.CFG_FIELDS)
@@ -418,9 +429,9 @@ def contract_lua() -> str:
     lines.append(f"local CFG_FIELD = {{ {settings} }}\nlocal CFG_OPTIONAL = {{ {optional} }}\n")
     for name in ("ITEM_BUCKET", "DEADLINE_KEEP_MS", "NO_SLO_KEY", "RANK_KEY_SCALE"):
         lines.append(f"local {name} = {getattr(contract, name)}\n")
-    lines += [f"local S_{s.name} = {int(s)}\n" for s in contract.ScriptStatus]
-    lines += [f"local FAIR_{c.upper()} = {_lua_string(c)}\n" for c in contract.FAIRNESS_CODES]
-    lines += [f"local ORDER_{c.upper()} = {_lua_string(c)}\n" for c in contract.ORDERING_CODES]
+    # Only the codes some script uses, like the codecs below (each is one of the chunk's locals).
+    used = names_used_by_scripts()
+    lines += [f"local {name} = {code}\n" for name, code in lua_codes().items() if name in used]
     lines.append(f"local ID_WIDTH = {contract.ID_WIDTH}\n")
     lines.append(
         _HELPERS
@@ -435,7 +446,6 @@ def contract_lua() -> str:
     )
     # Only the codecs some script uses: each is a local of the library's main chunk, which Lua
     # 5.1 allows 200 (see library()).
-    used = _names_used_by_scripts()
     for record in contract.RECORDS:
         codecs = ((f"encode_{record.name}", _encode_lua), (f"parse_{record.name}", _parse_lua))
         lines += [make(record) for name, make in codecs if name in used]

@@ -8,7 +8,8 @@ other, each in a child process with its own redis-server, through the bench code
 noise hits both alike; the figures are medians over the rounds.
 
     python -m bench.engine_compare [--baseline REV] [--rounds N] [--seconds S] [--quick]
-                                   [--instructions] [--sequential]
+                                   [--instructions] [--sequential] [--interleaved]
+                                   [--blocks N] [--block-steps S]
 
 CPU time on a shared machine (a VM whose neighbours take its cores) moves by tens of percent
 from run to run, for both engines. ``--instructions`` adds a figure that does not: the machine
@@ -17,6 +18,11 @@ its own, for the same request mix, one engine after the other (exact, so one rou
 ``--sequential`` adds CPU time measured as the instructions are, with one client stepping the
 pools (no load processes contending with Redis for the cores): steadier than the load rounds,
 and unlike the instruction count it charges what memory stalls cost (docs/scaling.md).
+``--interleaved`` measures that CPU time with the engines taking turns block by block: one
+child per engine stays up with its pools ready, and the two step ``--block-steps`` steps each in
+turn (old, new, new, old, ...) for ``--blocks`` blocks per kind, so a neighbour that takes the
+cores for a few seconds slows both alike. It reports the ratio over all blocks and the spread of
+the blocks' own ratios; rounds of whole runs (``--sequential``) move by ±15 %, this by a few.
 
 Needs the repository's git history (a clone, not an export); without it the script says so and
 exits 2.
@@ -189,6 +195,43 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
 )
 
 
+# Run in a tree's root: the pools of one kind, stepped when told. Each line on stdin is a number
+# of steps; each answer is the Redis CPU seconds (user + system, main thread) they took and the
+# admissions they made, as JSON. An empty line ends it.
+_BLOCKS_CHILD = (
+    _TWO_POOLS
+    + """
+import json, sys
+from redis.asyncio import Redis
+from tests.redis_proc import RedisProcess
+
+async def cpu_s(client):
+    i = await client.info("cpu")
+    return float(i["used_cpu_user_main_thread"]) + float(i["used_cpu_sys_main_thread"])
+
+async def main(kind):
+    server = RedisProcess().start()
+    client = Redis.from_url(server.url)
+    try:
+        drivers = await ready_drivers(client, kind, "il", 5)
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            made, before = sum(d.made for d in drivers), await cpu_s(client)
+            for _ in range(int(line)):
+                for d in drivers:
+                    await d.step()
+            spent = await cpu_s(client) - before
+            print(json.dumps([spent, sum(d.made for d in drivers) - made]), flush=True)
+    finally:
+        await client.aclose()
+        server.stop()
+
+asyncio.run(main(sys.argv[1]))
+"""
+)
+
+
 class CompareError(RuntimeError):
     pass
 
@@ -236,6 +279,94 @@ def instructions_round(root: Path, steps: int) -> dict[str, float]:
     return figures
 
 
+@dataclass
+class Interleaved:
+    """One kind, the engines taking turns: Redis CPU per admission over all blocks, and each
+    block's new / old ratio."""
+
+    us: dict[str, float]  # engine -> µs per admission
+    block_ratios: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return self.us["new"] / self.us["old"]
+
+
+class _BlockChild:
+    """A child that steps one engine's pools when told (_BLOCKS_CHILD)."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.root = root
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BLOCKS_CHILD, kind],
+            cwd=root,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if self._line() != "ready":
+            raise self._failed()
+
+    def _line(self) -> str:
+        assert self.proc.stdout is not None
+        return self.proc.stdout.readline().strip()
+
+    def _failed(self) -> CompareError:
+        self.proc.kill()
+        _, err = self.proc.communicate(timeout=60)
+        return CompareError(f"the block child in {self.root} failed:\n{err[-2000:]}")
+
+    def block(self, steps: int) -> tuple[float, int]:
+        """Redis CPU seconds and admissions of ``steps`` steps."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"{steps}\n")
+        self.proc.stdin.flush()
+        line = self._line()
+        if not line:
+            raise self._failed()
+        spent, made = json.loads(line)
+        return float(spent), int(made)
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+        try:
+            self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def interleaved_run(roots: dict[str, Path], kind: str, blocks: int, steps: int) -> Interleaved:
+    """``blocks`` blocks of ``steps`` steps per engine, the engines in turn (old, new, new, old,
+    ...), each in a child of its own tree that stays up between blocks."""
+    children: dict[str, _BlockChild] = {}
+    try:
+        for engine in ("old", "new"):
+            children[engine] = _BlockChild(roots[engine], kind)
+        spent = {"old": 0.0, "new": 0.0}
+        made = {"old": 0, "new": 0}
+        ratios = []
+        for b in range(blocks):
+            order = ("old", "new") if b % 2 == 0 else ("new", "old")
+            us = {}
+            for engine in order:
+                cpu, n = children[engine].block(steps)
+                spent[engine] += cpu
+                made[engine] += n
+                us[engine] = cpu / n
+            if us["old"] > 0:
+                ratios.append(us["new"] / us["old"])
+        return Interleaved({e: spent[e] * 1e6 / made[e] for e in spent}, ratios)
+    finally:
+        for child in children.values():
+            child.close()
+
+
 _PATH = re.compile(r"(fast|queued) path:\s+([\d.]+) commands per admission")
 
 
@@ -252,6 +383,8 @@ class Comparison:
     instructions: dict[str, dict[str, float]] | None = None
     # engine -> kind -> µs per admission, one client and nothing contending, when asked for
     sequential: dict[str, dict[str, list[float]]] | None = None
+    # kind -> the engines taking turns block by block, when asked for
+    interleaved: dict[str, Interleaved] | None = None
 
     def us(self, engine: str, kind: str) -> float:
         return statistics.median(self.rounds[engine][kind])
@@ -288,6 +421,23 @@ class Comparison:
             for kind in KINDS:
                 old_s, new_s = (statistics.median(seq[e][kind]) for e in ("old", "new"))
                 lines.append(f"| {kind} | {old_s:.1f} | {new_s:.1f} | {new_s / old_s:.2f} |")
+        if self.interleaved is not None:
+            first = next(iter(self.interleaved.values()))
+            lines += [
+                "",
+                "Redis CPU per admission, the engines taking turns block by block (one client "
+                f"each, {len(first.block_ratios)} blocks per engine):",
+                "",
+                "| load | before µs/adm | after µs/adm | after / before | blocks' ratios: "
+                "median (quartiles) |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for kind, run in self.interleaved.items():
+                q1, q2, q3 = statistics.quantiles(run.block_ratios, n=4)
+                lines.append(
+                    f"| {kind} | {run.us['old']:.1f} | {run.us['new']:.1f} | {run.ratio:.3f} | "
+                    f"{q2:.3f} ({q1:.3f}–{q3:.3f}) |"
+                )
         if self.instructions is not None:
             lines += [
                 "",
@@ -310,9 +460,11 @@ def compare(
     seconds: float,
     instruction_steps: int = 0,
     sequential_steps: int = 0,
+    blocks: tuple[int, int] | None = None,
 ) -> Comparison:
     """``instruction_steps`` > 0: also count instructions over that many steps per kind;
-    ``sequential_steps`` > 0: also measure CPU with one client over that many, each round."""
+    ``sequential_steps`` > 0: also measure CPU with one client over that many, each round;
+    ``blocks`` (count, steps): also measure CPU with the engines taking turns."""
     with tempfile.TemporaryDirectory(prefix="engine-baseline-") as tmp:
         roots = {"old": unpack(baseline, Path(tmp)), "new": ROOT}
         figures: dict[str, dict[str, list[float]]] = {e: {k: [] for k in KINDS} for e in roots}
@@ -327,13 +479,16 @@ def compare(
                     for kind, us in sequential_round(root, sequential_steps).items():
                         sequential[engine][kind].append(us)
         commands = {engine: command_counts(root) for engine, root in roots.items()}
+        interleaved = None
+        if blocks is not None:
+            interleaved = {kind: interleaved_run(roots, kind, *blocks) for kind in KINDS}
         instructions = None
         if instruction_steps > 0:
             instructions = {
                 engine: instructions_round(root, instruction_steps)
                 for engine, root in roots.items()
             }
-    return Comparison(figures, commands, instructions, sequential)
+    return Comparison(figures, commands, instructions, sequential, interleaved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,12 +507,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure Redis CPU with one client stepping the pools (steadier than load)",
     )
+    parser.add_argument(
+        "--interleaved",
+        action="store_true",
+        help="also measure Redis CPU with the engines taking turns block by block (steadiest)",
+    )
+    parser.add_argument("--blocks", type=int, default=60, help="blocks per kind (--interleaved)")
+    parser.add_argument("--block-steps", type=int, default=3, help="steps per block")
     args = parser.parse_args(argv)
     rounds, seconds = (1, 0.5) if args.quick else (args.rounds, args.seconds)
     steps = (2 if args.quick else 10) if args.instructions else 0
     sequential_steps = (5 if args.quick else 150) if args.sequential else 0
+    blocks = None
+    if args.interleaved:
+        blocks = (4, 1) if args.quick else (args.blocks, args.block_steps)
     try:
-        result = compare(args.baseline, rounds, seconds, steps, sequential_steps)
+        result = compare(args.baseline, rounds, seconds, steps, sequential_steps, blocks)
     except CompareError as exc:
         print(f"engine_compare: {exc}", file=sys.stderr)
         return 2

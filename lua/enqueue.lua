@@ -26,6 +26,6 @@ if not load_cfg_hot(ARGV[2], ARGV[3]) then return { S_NO_CONFIG, foreign_layout(
 -- Small numbers are looked up rather than read by tonumber (its strtod is dear).
 local r = reply(op_enqueue(clock(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5], tonum(ARGV[6]),
   tonum(ARGV[7]), tonumber(ARGV[8]), tonum(ARGV[9]), tonum(ARGV[10]) or 0, tonum(ARGV[11]) or 0,
-  {}))
+  op_out()))
 flush_state()
 return r

@@ -16,6 +16,6 @@
 if not load_cfg_hot(ARGV[2]) then return { S_NO_CONFIG, foreign_layout() } end
 local tok = ARGV[4]
 if tok then tok = NUMBER_OF[tok] or tonum(tok) end
-local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], {}, ARGV[5], tok))
+local r = reply(op_release(ARGV[1], ARGV[2], ARGV[3], op_out(), ARGV[5], tok))
 flush_state()
 return r

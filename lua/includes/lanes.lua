@@ -79,7 +79,9 @@ do
   -- Keys are whole numbers (includes/ordering.lua) and go to ZADD as text, like every number here:
   -- Redis would format a Lua number with snprintf('%.17g') each call.
   local function rank_group(b, suffix, best, ema, rate)
-    rcall('ZADD', K_RANK .. suffix, int(workload_key(ema, rate, b) + best.key), best.member)
+    -- (A score is rarely met again: formatted, not remembered by int.)
+    local score = workload_key(ema, rate, b) + best.key
+    rcall('ZADD', K_RANK .. suffix, TEXT_OF[score] or string.format('%d', score), best.member)
   end
 
   -- The group's best after the lane's head went from `old_head` to `head` (either false: the

@@ -9,7 +9,8 @@
   Provides: op_enqueue(now, caller, band, flow, raw_wid, crit, bytes, ttl, lease, tok, slo, out),
   op_release(override, caller, id, out, wid, tok), where `out` is an empty list the outcomes go
   into (the caller's, so a coalesced call makes a new one only after one was used) and `wid`,
-  `tok` the caller's account of its slot, or nil.
+  `tok` the caller's account of its slot, or nil; op_out() -> the emptied list a call of one
+  transition passes as `out`.
   Needs: contract, config, registry, counters, lanes, dispatch.
 ]]
 -- @include contract
@@ -18,6 +19,17 @@
 -- @include counters
 -- @include lanes
 -- @include dispatch
+
+-- The outcome list of a call that runs one transition (enqueue.lua, release.lua), kept between
+-- calls and emptied here (reply copies what it holds into the script's reply).
+local op_out
+do
+  local OUT = {}
+  function op_out()
+    for i = #OUT, 1, -1 do OUT[i] = nil end
+    return OUT
+  end
+end
 
 -- Counts the request toward its workload's rate first, even if it is then rejected, so rejection
 -- cannot be gamed. With nothing queued and a free slot it is dispatched at once; otherwise it is

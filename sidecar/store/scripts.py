@@ -188,7 +188,9 @@ do
     -- (Both ways only for an integer a double holds exactly, which '%%d' writes exactly; + 0
     -- makes -0 the 0 that tonumber('0') is.)
     if x %% 1 == 0 and x < %d and x > -%d then
-      forget_if_full()
+      -- (forget_if_full, inline: a Lua call costs more than it does.)
+      if remembered >= REMEMBER_MAX then NUMBER_OF, TEXT_OF, remembered = {}, {}, 0 end
+      remembered = remembered + 1
       TEXT_OF[x], NUMBER_OF[text] = text, x + 0
     end
     return text

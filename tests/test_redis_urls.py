@@ -71,3 +71,18 @@ async def test_sentinel_url_finds_the_primary(sentinel: tuple[RedisProcess, Redi
     await admit_and_release(f"redis+sentinel://127.0.0.1:{watcher.port}/mymaster/0")
     for s in probe.sentinels:
         await s.aclose()
+
+
+async def test_the_clients_speak_resp2_whatever_redis_pys_default(
+    redis_server: RedisProcess,
+) -> None:
+    """The store parses RESP2 replies (a script's false arrives as nil); redis-py 8.2 made RESP3
+    its default, which also sends a HELLO that a proxy or an old server may not answer."""
+    client, inbox = connect(redis_server.url, timeout_s=2.0)
+    try:
+        for c in (client, inbox):
+            info = await c.execute_command("CLIENT", "INFO")
+            assert b"resp=2" in info, info
+    finally:
+        await client.aclose()
+        await inbox.aclose()

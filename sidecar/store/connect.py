@@ -54,6 +54,12 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+# Every client speaks RESP2, whatever redis-py's default: the replies the store parses (script
+# replies, where Lua's false is a nil, not a boolean) are RESP2's, and redis-py 8.2 made RESP3
+# (a HELLO 3 on every new connection) its default.
+PROTOCOL = 2
+
+
 def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any, Any]:
     """A client for scripts (short timeouts) and one for the blocking inbox pop.
 
@@ -65,7 +71,7 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any,
         base = url.replace("+cluster", "", 1)
         # RedisCluster retries a command 10 times on a connection error or a timeout by default,
         # after which an enqueue may have run twice; the next call re-reads the topology anyway.
-        opts = {"socket_connect_timeout": timeout_s, "retry": _no_retry()}
+        opts = {"socket_connect_timeout": timeout_s, "retry": _no_retry(), "protocol": PROTOCOL}
         cluster = RedisCluster.from_url(base, socket_timeout=timeout_s, **opts)
         cluster_inbox = RedisCluster.from_url(base, socket_timeout=INBOX_SOCKET_TIMEOUT_S, **opts)
         return cluster, cluster_inbox
@@ -79,10 +85,15 @@ def connect(url: str, timeout_s: float, max_connections: int = 64) -> tuple[Any,
         timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
+        protocol=PROTOCOL,
     )
     client = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
     inbox = aioredis.from_url(
-        url, socket_timeout=INBOX_SOCKET_TIMEOUT_S, socket_connect_timeout=timeout_s, retry=None
+        url,
+        socket_timeout=INBOX_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=timeout_s,
+        retry=None,
+        protocol=PROTOCOL,
     )
     return client, inbox
 
@@ -111,7 +122,11 @@ def _sentinel(url: str, timeout_s: float, max_connections: int) -> tuple[Any, An
         extra["password"] = parts.password
     if parts.username:
         extra["username"] = parts.username
-    timeouts = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    timeouts = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "protocol": PROTOCOL,
+    }
     # The sentinels' own clients would otherwise retry 10 times with back-off: one dead sentinel
     # early in the URL would then hold every new connection for seconds (minutes if its address
     # drops packets: each try waits the 5 s default connect timeout). Failing fast moves on to the

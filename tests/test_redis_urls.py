@@ -58,7 +58,7 @@ def sentinel(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
 
 async def test_sentinel_url_finds_the_primary(sentinel: tuple[RedisProcess, RedisProcess]) -> None:
     primary, watcher = sentinel
-    probe = Sentinel([("127.0.0.1", watcher.port)], socket_timeout=1.0)  # type: ignore[no-untyped-call]
+    probe = Sentinel([("127.0.0.1", watcher.port)], socket_timeout=1.0)  # type: ignore[no-untyped-call, unused-ignore]
 
     async def knows_primary() -> bool:
         try:

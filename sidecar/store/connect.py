@@ -122,7 +122,7 @@ def _sentinel(url: str, timeout_s: float, max_connections: int) -> tuple[Any, An
         extra["password"] = parts.password
     if parts.username:
         extra["username"] = parts.username
-    timeouts = {
+    timeouts: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "protocol": PROTOCOL,
@@ -131,7 +131,8 @@ def _sentinel(url: str, timeout_s: float, max_connections: int) -> tuple[Any, An
     # early in the URL would then hold every new connection for seconds (minutes if its address
     # drops packets: each try waits the 5 s default connect timeout). Failing fast moves on to the
     # next sentinel, and redis-py then asks the one that answered first.
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    # (Typed from redis-py 8.2 on; untyped before.)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         hosts, sentinel_kwargs={**timeouts, "retry": _no_retry()}, **timeouts, **extra
     )
     # Commands on the primary are not retried either (as for one server, see connect()).

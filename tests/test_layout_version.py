@@ -76,6 +76,16 @@ async def rewrite_as_another_layout(store: PoolStore, pool: dict[str, str]) -> N
     await store.client.hset(store.key(contract.POOL), mapping=foreign)
 
 
+def test_python_reads_the_layout_note_as_the_scripts_do() -> None:
+    """contract.layout_is_ours (/readyz) is the twin of includes/config.lua foreign_layout: the
+    tests below take each of these notes through the scripts."""
+    assert contract.layout_is_ours(None)
+    assert contract.layout_is_ours(contract.POOL_LAYOUT_NOTE)
+    assert contract.layout_is_ours(contract.POOL_LAYOUT_NOTE_UNVERSIONED)
+    assert not contract.layout_is_ours(FOREIGN_NOTE)
+    assert contract.POOL_LAYOUT_NOTE.startswith(f"layout {contract.LAYOUT_VERSION},")
+
+
 async def test_the_digest_covers_the_layout_note(backend: Backend) -> None:
     store = backend.store(make_config(limit=1))
     await store.configure(now=0)

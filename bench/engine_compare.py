@@ -88,11 +88,8 @@ async def ready_drivers(client, kind, tag, warm):
 """
 
 
-# Run in a tree's root: Redis CPU (user + system, main thread) per admission for each kind, with
-# one client stepping two pools in turn, as the instruction count does: Redis works only while
-# the client waits for it, so nothing contends for the cores and rounds agree far better than
-# load rounds do.
-_SEQUENTIAL_CHILD = (
+# The two pools, and Redis's CPU seconds so far (user + system, main thread), for the CPU children.
+_CPU_READING = (
     _TWO_POOLS
     + """
 import json, sys
@@ -102,7 +99,17 @@ from tests.redis_proc import RedisProcess
 async def cpu_s(client):
     i = await client.info("cpu")
     return float(i["used_cpu_user_main_thread"]) + float(i["used_cpu_sys_main_thread"])
+"""
+)
 
+
+# Run in a tree's root: Redis CPU (user + system, main thread) per admission for each kind, with
+# one client stepping two pools in turn, as the instruction count does: Redis works only while
+# the client waits for it, so nothing contends for the cores and rounds agree far better than
+# load rounds do.
+_SEQUENTIAL_CHILD = (
+    _CPU_READING
+    + """
 async def main(steps, kinds):
     server = RedisProcess().start()
     client = Redis.from_url(server.url)
@@ -199,16 +206,8 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2:]))
 # of steps; each answer is the Redis CPU seconds (user + system, main thread) they took and the
 # admissions they made, as JSON. An empty line ends it.
 _BLOCKS_CHILD = (
-    _TWO_POOLS
+    _CPU_READING
     + """
-import json, sys
-from redis.asyncio import Redis
-from tests.redis_proc import RedisProcess
-
-async def cpu_s(client):
-    i = await client.info("cpu")
-    return float(i["used_cpu_user_main_thread"]) + float(i["used_cpu_sys_main_thread"])
-
 async def main(kind):
     server = RedisProcess().start()
     client = Redis.from_url(server.url)

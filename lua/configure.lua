@@ -36,7 +36,8 @@ local epoch, hold = POOL.epoch, POOL.hold or '0'
 local fresh = not epoch
 -- A pool another version of the sidecar writes in its own Redis layout is left as it is: its
 -- replicas keep running on it (docs/upgrading.md).
-if not fresh and foreign_layout() then return { S_LAYOUT_MISMATCH, foreign_layout() } end
+local foreign = not fresh and foreign_layout()
+if foreign then return { S_LAYOUT_MISMATCH, foreign } end
 if not fresh then
   for field, n in pairs(pool_fields()) do
     if string.sub(field, 1, #BAND_QUEUED) == BAND_QUEUED and n ~= '0' then

@@ -120,6 +120,11 @@ def layout_is_ours(note: str | None) -> bool:
     return note is None or note in (POOL_LAYOUT_NOTE, POOL_LAYOUT_NOTE_UNVERSIONED)
 
 
+def layout_named(note: str) -> str:
+    """The layout a POOL_LAYOUT note names ('layout 3'): what precedes its first comma."""
+    return note.split(",")[0]
+
+
 # A replica's held hash (held:<number>) carries the same field, written when the replica gets its
 # number and deleted when it is reclaimed (then the hash goes with its last slot): a replica holds
 # tens of slots, and every admission finds or adds one, each a scan of the hash in a listpack.

@@ -71,24 +71,24 @@ do
   -- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
   local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
 
+  -- Empties POOL and POOL_READ of the first `n` fields of `keys`.
+  local function forget_read(keys, n)
+    local pool, read = POOL, POOL_READ
+    for i = 1, n do
+      local field = keys[i]
+      -- (Only a key a table has is set to nil: assigning nil to one it lacks adds it.)
+      if read[field] then pool[field] = nil end
+      read[field] = nil
+    end
+  end
+
   function init_config()
     -- (Made by the first call: the library's top level runs without setmetatable.)
     if not POOL then
       POOL = setmetatable({}, POOL_META)
     elseif FLUSHED then
-      local pool, read, keys = POOL, POOL_READ, HOT_READ
-      for i = 1, HOT_N do
-        local field = keys[i]
-        -- (Only a key a table has is set to nil: assigning nil to one it lacks adds it.)
-        if read[field] then pool[field] = nil end
-        read[field] = nil
-      end
-      keys = READ_FIELDS
-      for i = 1, READ_N do
-        local field = keys[i]
-        if read[field] then pool[field] = nil end
-        read[field] = nil
-      end
+      forget_read(HOT_READ, HOT_N)
+      forget_read(READ_FIELDS, READ_N)
     else
       clear(POOL)
       clear(POOL_READ)

@@ -44,11 +44,12 @@ async def readyz(request: web.Request) -> web.Response:
         return web.Response(status=503, text=f"store unreachable: {exc}\n")
     if epoch is None:
         return web.Response(status=503, text="pool not configured yet\n")
-    if not contract.layout_is_ours(None if note is None else _text(note)):
+    found = None if note is None else _text(note)
+    if not contract.layout_is_ours(found):
         return web.Response(
             status=503,
-            text=f"pool in another Redis layout ({_text(note).split(',')[0]}), this version "
-            f"writes layout {contract.LAYOUT_VERSION}: see docs/upgrading.md\n",
+            text=f"pool in another Redis layout ({contract.layout_named(found or '')}), this "
+            f"version writes layout {contract.LAYOUT_VERSION}: see docs/upgrading.md\n",
         )
     return web.Response(text="ready\n")
 

@@ -290,7 +290,8 @@ class PoolStore:
 
     def _layout_message(self, note: str) -> str:
         return (
-            f"pool {self.config.pool!r} in Redis is in another layout ({note.split(',')[0]!r}); "
+            f"pool {self.config.pool!r} in Redis is in another layout "
+            f"({contract.layout_named(note)!r}); "
             f"this sidecar reads and writes layout {contract.LAYOUT_VERSION}. Two versions "
             "with different layouts cannot share a pool: give this version its own pool name "
             "or Redis database, or stop the other version's replicas and delete the pool's keys "

@@ -45,12 +45,17 @@ REPLICAS = "replicas"
 INBOX = "inbox:"
 SCRAPE = "scrape"
 
-# Fields of the workload counters (w:<workload> and anon): the rate window's bucket index, its
-# count and the previous bucket's, the EMA of waits (s), dispatches, queued + in flight, last
-# request (ms). Besides them, a workload hash names its best queued workload-aware lane in each
-# ranking set it has lanes in: WGROUP_FIELD + ranking set suffix ('<priority>' or
-# '<priority>:<flow>') -> BEST record ('' once the group emptied, until maintenance).
-WORKLOAD_FIELDS = ("bi", "c", "p", "ema", "n", "active", "t")
+# Fields of the workload counters (w:<workload> and anon): WORKLOAD_COUNTS holds a COUNTS record
+# (below: the rate window's bucket index, its count and the previous bucket's, dispatches, last
+# request (ms), the EMA of waits (s)), WORKLOAD_ACTIVE the requests queued + in flight, a field
+# of its own because a release that has no other reason to read its workload HINCRBYs it. One
+# field for the rest is one reply element and one argument where there were six of each.
+# Besides them, a workload hash names its best queued workload-aware lane in each ranking set it
+# has lanes in: WGROUP_FIELD + ranking set suffix ('<priority>' or '<priority>:<flow>') -> BEST
+# record ('' once the group emptied, until maintenance).
+WORKLOAD_COUNTS = "k"
+WORKLOAD_ACTIVE = "active"
+WORKLOAD_FIELDS = (WORKLOAD_COUNTS, WORKLOAD_ACTIVE)
 WGROUP_FIELD = "g:"
 # The pool hash holds the configuration and the pool's counters together, so a script reads
 # both with one HGETALL and writes what changed with one HSET.
@@ -95,8 +100,9 @@ STATS_FIELDS = ("qn", "qbytes", "inflight", "seq", "maint", "rseq", "dl0", "ilo"
 # of the version before cannot read or would corrupt (a key, a field, a record's format). Two
 # versions never share a pool: configure.lua refuses a pool written in another layout, and every
 # script finds its configuration missing there (docs/upgrading.md). 2: a workload with one lane
-# in a ranking set has no group zset (756c948).
-LAYOUT_VERSION = 2
+# in a ranking set has no group zset (756c948). 3: the pool's write stamp (POOL_STAMP), which
+# every writer of the pool must write, and a workload's counters in one field (WORKLOAD_COUNTS).
+LAYOUT_VERSION = 3
 # A field whose value is longer than Redis's hash-max-listpack-value (64 by default), written by
 # configure.lua, so Redis keeps the pool hash as a hashtable: every script reads and writes a
 # dozen of its fields, and in a listpack each of those is a scan of the whole hash. Its value
@@ -106,22 +112,29 @@ POOL_LAYOUT_NOTE = (
     f"layout {LAYOUT_VERSION}, hashtable: this value is longer than hash-max-listpack-value, "
     "so each field is found without a scan"
 )
-# The note sidecars wrote before the note named a version (up to 1b7bfd2, whose layout is 2): a
-# pool that holds it is taken as this layout, and its note rewritten.
+# The note sidecars wrote before the note named a version (up to 1b7bfd2): layout 2.
 POOL_LAYOUT_NOTE_UNVERSIONED = (
     "hashtable: this value is longer than hash-max-listpack-value, so each field is found "
     "without a scan"
 )
+# The pool's write stamp: every script call that changes the pool hash writes a new one with its
+# changes, a text no other Redis and no other load of the function library writes, and the
+# library keeps the pool's fields between calls while the stamp is the one it wrote last
+# (includes/config.lua POOL_CACHE). Whatever else changes the hash (a tool, by hand) must delete
+# this field with its change.
+POOL_STAMP = "ws"
 
 
 def layout_is_ours(note: str | None) -> bool:
     """Whether a pool whose POOL_LAYOUT field holds ``note`` (None: absent) is in this layout;
     includes/config.lua foreign_layout() is its twin."""
-    return note is None or note in (POOL_LAYOUT_NOTE, POOL_LAYOUT_NOTE_UNVERSIONED)
+    return note is None or note == POOL_LAYOUT_NOTE
 
 
 def layout_named(note: str) -> str:
     """The layout a POOL_LAYOUT note names ('layout 3'): what precedes its first comma."""
+    if note == POOL_LAYOUT_NOTE_UNVERSIONED:
+        return "layout 2"
     return note.split(",")[0]
 
 
@@ -187,6 +200,7 @@ KEYS: tuple[KeySpec, ...] = (
             ANON_FALLBACK,
             *SAMPLE_FIELDS,
             POOL_LAYOUT,
+            POOL_STAMP,
         ),
     ),
     KeySpec("ITEMS", ITEMS, "hash", "items:<bucket>: id mod ITEM_BUCKET -> queued item record"),
@@ -245,7 +259,7 @@ KEYS: tuple[KeySpec, ...] = (
         WORKLOADS,
         "zset",
         "tracked workloads, for idle expiry and the cap; scored when first tracked or last "
-        "found active (the hash's t is the last request)",
+        "found active (the hash's COUNTS record's t is the last request)",
     ),
     KeySpec("REPLICAS", REPLICAS, "zset", "replica ids by lease expiry (ms)"),
     KeySpec("INBOX", INBOX, "list", "inbox:<replica>: wake-ups (DELIVERY) for a replica"),
@@ -397,7 +411,20 @@ BATCH_RELEASE_HELD = _record("op_release_held", "op:s id:s tok:i wid:s")
 # Redis converts a list reply element by element, which costs more than one string. A coalesced
 # release's reply with no outcome is its status alone, an integer (the caller knows the id).
 OP_REPLY = _record("op_reply", "status:i a:s b:s")
-RECORDS = (ITEM, HELD_RECORD, LEASED_RECORD, DELIVERY, LANE_ID, BAND_CONFIG, RECONCILED, OP_REPLY)
+# A workload's counters (WORKLOAD_COUNTS field): 0 for each not counted yet (the EMA is read only
+# once n, the dispatches, is above 0; t, the last request, stays 0 for anonymous traffic).
+COUNTS = _record("counts", "bi:i c:i p:i n:i t:i ema:f")
+RECORDS = (
+    COUNTS,
+    ITEM,
+    HELD_RECORD,
+    LEASED_RECORD,
+    DELIVERY,
+    LANE_ID,
+    BAND_CONFIG,
+    RECONCILED,
+    OP_REPLY,
+)
 # batch.lua's operations, by tag: Lua reads each one's fields by position from the decoded
 # values (fields_<name>(values, at), generated), so no field is text to parse.
 OPERATIONS = {
@@ -407,7 +434,7 @@ OPERATIONS = {
 }
 # Read by Lua field by field from a '|'-separated record, where no table of the fields is wanted
 # (a held slot's record, read by every release that is not taken on trust).
-FIELD_READS = (HELD_RECORD,)
+FIELD_READS = (HELD_RECORD, COUNTS)
 
 # Each operation's fields (its tag left out) as MessagePack should carry them: text or integer.
 _WIRE: dict[str, Callable[[Any], object]] = {"s": str, "i": int}

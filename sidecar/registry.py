@@ -62,24 +62,49 @@ def _int(value: Any, default: int = 0) -> int:
     return default if value is None else int(value)
 
 
-# The workload counters' fields (sidecar/contract.py WORKLOAD_FIELDS): bucket index, its count,
-# the previous bucket's count, EMA of waits, dispatches, active.
+# The workload counters' fields (sidecar/contract.py WORKLOAD_FIELDS): the COUNTS record (bucket
+# index, its count, the previous bucket's, dispatches, last request, EMA of waits) and active.
 METRIC_FIELDS = contract.WORKLOAD_FIELDS
+
+
+class WorkloadCounters(msgspec.Struct, frozen=True):
+    """A workload hash's counters as the scripts wrote them (bucket None: never counted; ema
+    None: nothing dispatched yet)."""
+
+    bucket: int | None
+    current: int
+    previous: int
+    dispatched: int
+    last_ms: int
+    ema: float | None
+    active: int
+
+
+def counters_from_hash(fields: list[Any]) -> WorkloadCounters:
+    """``fields`` = HMGET of METRIC_FIELDS, in that order."""
+    packed, active = fields
+    if packed is None:
+        return WorkloadCounters(None, 0, 0, 0, 0, None, _int(active))
+    raw = packed.decode() if isinstance(packed, bytes) else str(packed)
+    f = contract.COUNTS.parse(raw)
+    dispatched = int(f["n"])
+    ema = float(f["ema"]) if dispatched > 0 else None
+    return WorkloadCounters(
+        int(f["bi"]), int(f["c"]), int(f["p"]), dispatched, int(f["t"]), ema, _int(active)
+    )
 
 
 def metrics_from_hash(
     workload_id: str, fields: list[Any], now_ms: int, window_ms: int
 ) -> WorkloadMetrics:
     """``fields`` = HMGET of METRIC_FIELDS, in that order."""
-    f = dict(zip(METRIC_FIELDS, fields, strict=True))
-    bucket = None if f["bi"] is None else int(f["bi"])
-    dispatched = _int(f["n"])
+    k = counters_from_hash(fields)
     return WorkloadMetrics(
         workload_id=workload_id,
-        request_rate=window_rate(bucket, _int(f["c"]), _int(f["p"]), now_ms, window_ms),
-        avg_wait_s=float(f["ema"]) if dispatched > 0 else 0.0,
-        dispatched=dispatched,
-        active=max(_int(f["active"]), 0),
+        request_rate=window_rate(k.bucket, k.current, k.previous, now_ms, window_ms),
+        avg_wait_s=k.ema if k.ema is not None else 0.0,
+        dispatched=k.dispatched,
+        active=max(k.active, 0),
     )
 
 

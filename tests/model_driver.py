@@ -21,6 +21,7 @@ from typing import Any
 from sidecar import contract
 from sidecar.config import Config
 from sidecar.outcome import ScriptStatus
+from sidecar.registry import METRIC_FIELDS, counters_from_hash
 from sidecar.store import PoolStore
 from sidecar.store.pool import Delivery, ScriptReply
 from tests.conftest import Backend
@@ -128,18 +129,15 @@ class Run:
         pipe = store.client.pipeline(transaction=False)
         pipe.hmget(store.key("pool"), "qn", "qbytes", "inflight", "seq")
         for wid in WORKLOADS:
-            pipe.hmget(
-                store.key("w:" + wid if wid else "anon"), "bi", "c", "p", "ema", "n", "active"
-            )
+            pipe.hmget(store.key("w:" + wid if wid else "anon"), *METRIC_FIELDS)
         raw = await pipe.execute()
         m = self.model
         stats = [int(x or 0) for x in raw[0]]
         want_stats = [len(m.queued), sum(i.size for i in m.queued.values()), len(m.inflight), m.seq]
         assert stats == want_stats, f"{self.where}: pool counts differ"
         for wid, fields in zip(WORKLOADS, raw[1:], strict=True):
-            bi, c, p, ema, n, active = fields
-            lua = (None if bi is None else int(bi), int(c or 0), int(p or 0),
-                   None if ema is None else float(ema), int(n or 0), int(active or 0))  # fmt: skip
+            got = counters_from_hash(fields)
+            lua = (got.bucket, got.current, got.previous, got.ema, got.dispatched, got.active)
             k = m.workloads.get(wid)
             want = (None, 0, 0, None, 0, 0) if k is None else (
                 k.bucket, k.current, k.previous, k.ema, k.dispatched, k.active)  # fmt: skip

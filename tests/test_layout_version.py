@@ -2,7 +2,7 @@
 pool: configure.lua refuses a pool whose layout note (contract.POOL_LAYOUT) names another
 layout, every other script finds no configuration there, and the replica says why
 (LayoutMismatchError) instead of recovering, so neither version reads or changes what the other
-wrote. A pool written before the note named a version is taken as this layout."""
+wrote. A pool written before the note named a version is layout 2, another layout too."""
 
 from __future__ import annotations
 
@@ -67,11 +67,15 @@ async def everything(store: PoolStore) -> dict[str, Any]:
     return out
 
 
-async def rewrite_as_another_layout(store: PoolStore, pool: dict[str, str]) -> None:
+async def rewrite_as_another_layout(
+    store: PoolStore, pool: dict[str, str], note: str = FOREIGN_NOTE
+) -> None:
     """The pool as a sidecar of another layout makes it after Redis lost the data: the same
-    settings and epoch, its own layout note, and the digest of those."""
+    settings and epoch, its own layout note, and the digest of those; not this library's write
+    stamp (contract.POOL_STAMP), which only this library writes."""
     await store.client.flushall()
-    foreign = {**pool, contract.POOL_LAYOUT: FOREIGN_NOTE}
+    foreign = {**pool, contract.POOL_LAYOUT: note}
+    del foreign[contract.POOL_STAMP]
     foreign[contract.CFG_DIGEST] = digest(foreign)
     await store.client.hset(store.key(contract.POOL), mapping=foreign)
 
@@ -81,9 +85,11 @@ def test_python_reads_the_layout_note_as_the_scripts_do() -> None:
     tests below take each of these notes through the scripts."""
     assert contract.layout_is_ours(None)
     assert contract.layout_is_ours(contract.POOL_LAYOUT_NOTE)
-    assert contract.layout_is_ours(contract.POOL_LAYOUT_NOTE_UNVERSIONED)
+    assert not contract.layout_is_ours(contract.POOL_LAYOUT_NOTE_UNVERSIONED)
     assert not contract.layout_is_ours(FOREIGN_NOTE)
     assert contract.POOL_LAYOUT_NOTE.startswith(f"layout {contract.LAYOUT_VERSION},")
+    assert contract.layout_named(contract.POOL_LAYOUT_NOTE_UNVERSIONED) == "layout 2"
+    assert contract.layout_named(FOREIGN_NOTE) == "layout 99"
 
 
 async def test_the_digest_covers_the_layout_note(backend: Backend) -> None:
@@ -128,26 +134,28 @@ async def test_a_pool_made_again_in_another_layout_is_neither_read_nor_changed(
     assert await everything(store) == before
 
 
-async def test_a_pool_written_before_layout_versions_is_taken_as_this_layout(
+async def test_a_pool_written_before_layout_versions_is_refused_as_layout_2(
     backend: Backend,
 ) -> None:
+    """Sidecars up to 1b7bfd2 wrote the note without a version, in layout 2: no write stamp and
+    a workload's counters field by field, so this layout cannot share their pools."""
     store = backend.store(make_config(limit=1))
     await store.configure(now=0)
+    held = await enq(store, 10)
     pool = await pool_hash(store)
-    # As a sidecar up to 1b7bfd2 left it: the note without a version, its digest without it.
-    await store.client.hset(
-        store.key(contract.POOL),
-        mapping={
-            contract.POOL_LAYOUT: contract.POOL_LAYOUT_NOTE_UNVERSIONED,
-            contract.CFG_DIGEST: digest({k: v for k, v in pool.items() if k != "layout"}),
-        },
-    )
-    assert (await enq(store, 10)).status is ScriptStatus.DISPATCHED
-    assert (await enq(store, 11)).status is ScriptStatus.QUEUED
-    other = backend.store(make_config(limit=2), "r2")
-    assert await other.configure(now=12) is False  # not a fresh pool: the queue is kept
-    assert (await pool_hash(store))[contract.POOL_LAYOUT] == contract.POOL_LAYOUT_NOTE
-    assert (await enq(other, 13)).status is ScriptStatus.QUEUED
+    # As such a sidecar leaves the pool after Redis lost the data: the note and the digest
+    # without a version.
+    await rewrite_as_another_layout(store, pool, contract.POOL_LAYOUT_NOTE_UNVERSIONED)
+    before = await everything(store)
+    for call in (
+        enq(store, 11),
+        store.release(held.item_id, now=12),
+        store.configure(now=13),
+        backend.store(make_config(limit=2), "r2").configure(now=14),
+    ):
+        with pytest.raises(LayoutMismatchError, match="layout 2"):
+            await call
+    assert await everything(store) == before
 
 
 @pytest.mark.redis

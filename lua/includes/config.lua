@@ -1,14 +1,17 @@
 --[[
   The pool hash and the one clock. The pool hash holds the configuration (written by
   configure.lua) and the pool's counters (includes/counters.lua) together. A call reads the
-  fields it needs and writes what changed with one HSET (flush_pool).
+  fields it needs and writes what changed with one HSET (flush_pool), and the fields stay with
+  the library between calls, valid while the pool's write stamp is the one it wrote last (see
+  POOL_CACHE): a call reads only what is new to it.
   Two ways to read it: load_cfg() reads the whole hash (HGETALL), as every script but the hot
-  ones does; load_cfg_hot(caller, band) reads only the counters an admission needs (HMGET), and
-  takes the parsed configuration from a cache the library keeps per pool between calls, valid
-  while the pool's 'cfgv' (a digest of its configuration, written by configure.lua) is unchanged.
-  A field neither read up front is read on first use (POOL's __index), so every reader sees the
-  hash as it is; a digest cannot match a different configuration, so no fault (restart, flush,
-  failover) can make the cache serve a stale one.
+  ones does; load_cfg_hot(caller, band) reads only the counters an admission needs and the
+  library does not hold yet (HMGET), and takes the parsed configuration from a cache the
+  library keeps per pool between calls, valid while the pool's 'cfgv' (a digest of its
+  configuration, written by configure.lua) is unchanged. A field neither read up front is read
+  on first use (POOL's __index), so every reader sees the hash as it is; neither a stamp nor a
+  digest can match a different pool, so no fault (restart, flush, failover) can make either
+  cache serve a stale one.
   Provides: init_config() (run by begin_call), POOL (the pool hash's fields, read on demand, then
   as changed: pool_set), pool_load_all() (every field: for scripts that iterate POOL),
   pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value),
@@ -33,23 +36,26 @@ local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, 
   pool_del, pool_hints, flush_pool, config_digest, foreign_layout, load_cfg, load_cfg_hot,
   band_cfg, clock, pool_add, pool_fields
 do
-  -- State of one call, emptied by init_config (each call runs begin_call first; the tables are
-  -- kept, see clear in the contract include). POOL_READ:
-  -- the fields as read (false: read, and absent), so one that changed and changed back (a release
-  -- that dispatches) is not written. POOL_ALL: every field read.
-  -- PINT: integer fields set as numbers (pool_add), formatted once, when written.
-  local POOL_READ, POOL_DIRTY, POOL_GONE, PINT = {}, {}, {}, {}
-  local POOL_ALL, BANDS, NOW
-  -- What the next call must empty, kept so that it need not visit every key with `next` (see
-  -- clear in the contract include): READ_FIELDS lists (READ_N of them) every field POOL_READ has
-  -- (each set first when POOL_READ lacks it). Once flush_pool has run, POOL_DIRTY, POOL_GONE
-  -- and PINT are empty, and a field is among POOL's own exactly when POOL_READ holds a text or a
-  -- number for it (FLUSHED); a call that stopped before it (an error) or changed the pool after
-  -- it leaves init_config to empty every table in full.
-  local READ_FIELDS, READ_N, FLUSHED = {}, 0, false
-  -- The fields the call's first prefetch read (load_cfg_hot's list, HOT_N of them), which
-  -- POOL_READ also has: kept by reference rather than copied into READ_FIELDS.
-  local HOT_READ, HOT_N = READ_FIELDS, 0
+  -- POOL_READ: the fields as read or last written (false: read, and absent), so one that changed
+  -- and changed back (a release that dispatches) is not written. POOL_ALL: every field read (this
+  -- call). PINT: integer fields set as numbers (pool_add), formatted once, when written.
+  -- POOL and POOL_READ are kept between calls, one pair per pool (POOL_CACHE: pool hash key ->
+  -- ENTRY = { pool, read, stamp, hot }), so a call reads only what the calls before it did not:
+  -- every write of the pool hash is this library's (flush_pool, the one writer; Python only
+  -- reads it, and a pool in another layout is never written, see foreign_layout), and each
+  -- writes the pool's write stamp (contract POOL_STAMP) with its changes, a text no other Redis
+  -- and no other load of the library makes. A call first reads the stamp (init_config): the one
+  -- its entry holds, and the entry is the hash as it is; another (a replica promoted after
+  -- writes were lost, the data flushed or restarted, a hand-made change that deleted the
+  -- stamp), and the entry is emptied. A call that stopped with changes not written (an error)
+  -- leaves CLEAN false, and the next empties its pool's entry too.
+  local POOL_READ, POOL_DIRTY, POOL_GONE, PINT = nil, {}, {}, {}
+  local POOL_ALL, BANDS, NOW, ENTRY
+  local CLEAN = true
+  local POOL_CACHE, POOL_CACHED = {}, 0
+  -- The stamps this load of the library writes: STAMP_HEAD (made by its first write from the
+  -- time and a table's address) and a count.
+  local STAMP_HEAD, STAMP_N = nil, 0
   -- Scratch lists, kept between calls: what a prefetch reads, and the flush's HSET arguments
   -- (each used with its length, so what a longer earlier use left past it is never read).
   local WANT, ARGS, THESE = {}, {}, {}
@@ -59,8 +65,6 @@ do
     if POOL_ALL or POOL_READ[field] ~= nil or POOL_GONE[field] then return nil end
     local v = rcall('HGET', K_POOL, field)
     POOL_READ[field] = v
-    READ_N = READ_N + 1
-    READ_FIELDS[READ_N] = field
     if not v then return nil end
     t[field] = v
     return v
@@ -71,32 +75,31 @@ do
   -- by the number of pools; cleared if it ever holds more than CONFIG_CACHE_MAX of them.
   local CONFIG_CACHE, CONFIG_CACHED, CONFIG_CACHE_MAX = {}, 0, 256
 
-  -- Empties POOL and POOL_READ of the first `n` fields of `keys`.
-  local function forget_read(keys, n)
-    local pool, read = POOL, POOL_READ
-    for i = 1, n do
-      local field = keys[i]
-      -- (Only a key a table has is set to nil: assigning nil to one it lacks adds it.)
-      if read[field] then pool[field] = nil end
-      read[field] = nil
-    end
+  local function forget_entry(entry)
+    clear(entry.pool)
+    clear(entry.read)
+    entry.stamp, entry.hot = nil, nil
   end
 
   function init_config()
-    -- (Made by the first call: the library's top level runs without setmetatable.)
-    if not POOL then
-      POOL = setmetatable({}, POOL_META)
-    elseif FLUSHED then
-      forget_read(HOT_READ, HOT_N)
-      forget_read(READ_FIELDS, READ_N)
-    else
-      clear(POOL)
-      clear(POOL_READ)
+    if not CLEAN then
+      if ENTRY then forget_entry(ENTRY) end
       clear(POOL_DIRTY)
       clear(POOL_GONE)
       clear(PINT)
+      CLEAN = true
     end
-    READ_N, HOT_N, FLUSHED = 0, 0, false
+    local entry = POOL_CACHE[K_POOL]
+    if not entry then
+      -- (POOL's metatable is set here, not at load: the library's top level runs without
+      -- setmetatable.)
+      if POOL_CACHED >= CONFIG_CACHE_MAX then POOL_CACHE, POOL_CACHED = {}, 0 end
+      entry = { pool = setmetatable({}, POOL_META), read = {}, stamp = nil, hot = nil }
+      POOL_CACHE[K_POOL], POOL_CACHED = entry, POOL_CACHED + 1
+    elseif not entry.stamp or entry.stamp ~= rcall('HGET', K_POOL, POOL_STAMP) then
+      forget_entry(entry)
+    end
+    ENTRY, POOL, POOL_READ = entry, entry.pool, entry.read
     POOL_ALL, CFG, BANDS, NOW = false, nil, nil, nil
   end
 
@@ -114,15 +117,13 @@ do
       if untouched(field) then
         POOL_READ[field] = v[i + 1]
         POOL[field] = v[i + 1]
-        READ_N = READ_N + 1
-        READ_FIELDS[READ_N] = field
       end
     end
     POOL_ALL = true
   end
 
   -- Reads the fields not read yet in one HMGET: the first `count` of `fields` (all when nil).
-  -- `fresh`: the call has read and changed nothing yet (so every field is wanted).
+  -- `fresh`: nothing is read or changed yet (so every field is wanted).
   function pool_prefetch(fields, fresh, count)
     if POOL_ALL then return end
     local want, n = fields, count or #fields
@@ -140,25 +141,12 @@ do
     end
     if n == 0 then return end
     local v = rcall('HMGET', K_POOL, unpack(want, 1, n))
-    if fresh then
-      -- The call's first read: its list is kept as it is (HOT_READ), not copied.
-      local read, pool = POOL_READ, POOL
-      for i = 1, n do
-        local field, value = want[i], v[i]
-        read[field] = value
-        if value then pool[field] = value end
-      end
-      HOT_READ, HOT_N = want, n
-      return
-    end
-    local keys, kept = READ_FIELDS, READ_N
+    local read, pool = POOL_READ, POOL
     for i = 1, n do
       local field, value = want[i], v[i]
-      POOL_READ[field] = value
-      if value then POOL[field] = value end
-      keys[kept + i] = field
+      read[field] = value
+      if value then pool[field] = value end
     end
-    READ_N = kept + n
   end
 
   -- pool_prefetch of the `n` (at most 6) fields given (no list to build).
@@ -173,7 +161,7 @@ do
     POOL[field] = value
     POOL_DIRTY[field] = true
     POOL_GONE[field] = nil
-    FLUSHED = false
+    CLEAN = false
   end
 
   -- An integer field's value (0 when absent).
@@ -207,7 +195,7 @@ do
     PINT[field] = n
     POOL_DIRTY[field] = true
     POOL_GONE[field] = nil
-    FLUSHED = false
+    CLEAN = false
     return n, was
   end
 
@@ -226,7 +214,7 @@ do
     POOL[field] = nil
     POOL_DIRTY[field] = nil
     POOL_GONE[field] = true
-    FLUSHED = false
+    CLEAN = false
   end
 
   -- Between calls, per pool, guesses that only save reads (every value is still read in the call
@@ -258,7 +246,7 @@ do
     -- Empties POOL_DIRTY, PINT and POOL_GONE as it writes them; a counter kept as a number
     -- is among POOL's fields, as text, again.
     local args, n = ARGS, 0
-    local read, dirty, ints, keys, kept = POOL_READ, POOL_DIRTY, PINT, READ_FIELDS, READ_N
+    local read, dirty, ints = POOL_READ, POOL_DIRTY, PINT
     for field in pairs(dirty) do
       local number = ints[field]
       local value
@@ -270,33 +258,36 @@ do
         value = rawget(POOL, field)
       end
       dirty[field] = nil
-      local was = read[field]
-      if value ~= was then
+      if value ~= read[field] then
         args[n + 1], args[n + 2] = field, value
         n = n + 2
         read[field] = value
-        if was == nil then
-          kept = kept + 1
-          keys[kept] = field
-        end
       end
     end
-    if n > 0 then rcall('HSET', K_POOL, unpack(args, 1, n)) end
-    if next(POOL_GONE) ~= nil then
-      n = 0
-      for field in pairs(POOL_GONE) do
-        n = n + 1
-        args[n] = field
-        if read[field] == nil then
-          kept = kept + 1
-          keys[kept] = field
-        end
-        read[field] = false
-        POOL_GONE[field] = nil
+    local gone = next(POOL_GONE) ~= nil
+    if n > 0 or gone then
+      -- A new stamp with the changes (see POOL_CACHE).
+      if not STAMP_HEAD then
+        local t = rcall('TIME')
+        STAMP_HEAD = t[1] .. '.' .. t[2] .. '.' .. string.sub(tostring(POOL_CACHE), 8) .. '.'
       end
-      rcall('HDEL', K_POOL, unpack(args, 1, n))
+      STAMP_N = STAMP_N + 1
+      local stamp = STAMP_HEAD .. STAMP_N
+      args[n + 1], args[n + 2] = POOL_STAMP, stamp
+      rcall('HSET', K_POOL, unpack(args, 1, n + 2))
+      if gone then
+        n = 0
+        for field in pairs(POOL_GONE) do
+          n = n + 1
+          args[n] = field
+          read[field] = false
+          POOL_GONE[field] = nil
+        end
+        rcall('HDEL', K_POOL, unpack(args, 1, n))
+      end
+      ENTRY.stamp = stamp
     end
-    READ_N, FLUSHED = kept, true
+    CLEAN = true
   end
 
   -- The digest of the configuration fields as they are now: the settings and every band record,
@@ -342,13 +333,10 @@ do
   end
 
   -- The pool's layout note (contract POOL_LAYOUT) if it names a layout other than this
-  -- library's (contract LAYOUT_VERSION), else nil; a pool written before the note named a
-  -- version is in this layout. (After load_cfg or pool_load_all.)
+  -- library's (contract LAYOUT_VERSION), else nil. (After load_cfg or pool_load_all.)
   function foreign_layout()
     local note = rawget(POOL, POOL_LAYOUT)
-    if note == nil or note == POOL_LAYOUT_NOTE or note == POOL_LAYOUT_NOTE_UNVERSIONED then
-      return nil
-    end
+    if note == nil or note == POOL_LAYOUT_NOTE then return nil end
     return note
   end
 
@@ -404,7 +392,9 @@ do
   end
 
   -- The counters an admission reads (hot_fields) and the configuration, from the cache when its
-  -- digest still matches.
+  -- digest still matches. HOT_MADE: how many hot field lists were made (each list's number, so
+  -- a pool's entry knows which it has read).
+  local HOT_MADE = 0
   function load_cfg_hot(caller, band)
     local cached = CONFIG_CACHE[K_POOL]
     if not cached then return load_cfg() end
@@ -423,11 +413,17 @@ do
       or h.hot_queuer ~= queuer or h.hot_band ~= band or h.hot_cfg ~= c then
       fields, number_field = fields or {}, REPLICA_NUMBER .. caller
       n = hot_fields(fields, number_field, num, queued, queuer, band, c)
-      h.hot, h.hot_n, h.hot_number_field = fields, n, number_field
+      HOT_MADE = HOT_MADE + 1
+      h.hot, h.hot_n, h.hot_number_field, h.hot_made = fields, n, number_field, HOT_MADE
       h.hot_caller, h.hot_num, h.hot_queued, h.hot_queuer, h.hot_band, h.hot_cfg =
         caller, num, queued, queuer, band, c
     end
-    pool_prefetch(fields, true, n)
+    -- Read unless the pool's entry (see POOL_CACHE) has every field of this list already.
+    local entry = ENTRY
+    if entry.hot ~= h.hot_made then
+      pool_prefetch(fields, next(POOL_READ) == nil, n)
+      entry.hot = h.hot_made
+    end
     if POOL[CFG_DIGEST] ~= cached.ver then return load_cfg() end
     CFG, BANDS = c, cached.bands
     local known = rawget(POOL, number_field)

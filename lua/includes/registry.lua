@@ -24,14 +24,9 @@ local function wkey(wid)
   return K_W .. wid
 end
 
--- The counters and how each is written (a field of the hash is a counter exactly when it has an
--- entry here), in the order flush_workloads writes them.
-local WRITE_AS = { bi = int, c = int, p = int, ema = fmt, n = int, active = int, t = int }
-local COUNTERS = { 'bi', 'c', 'p', 'ema', 'n', 'active', 't' }
-
 -- wid -> { bi, c, p, ema, n, active, t (numbers or nil), groups = { suffix = best } or nil,
--- blank = { emptied group field } or nil, exists, dirty = { counter = changed? } (made with every
--- counter, so it never grows), dirty_groups = { suffix = true } (empty: none) }
+-- blank = { emptied group field } or nil, exists, counts_dirty (one of the packed counters
+-- changed), active_dirty, dirty_groups = { suffix = true } (empty: none) }
 local WS = {}
 -- Active-count changes of workloads this call did not otherwise read: wid -> delta.
 local PENDING = {}
@@ -55,18 +50,16 @@ do
 
   -- A workload's state with every field as given and no group read: a kept table when there is
   -- one (its own tables emptied), else new ones.
-  function new_state(bi, c, p, ema, n, active, t)
+  function new_state()
     local w = SPARE[SPARE_N]
     if not w then
-      return { bi = bi, c = c, p = p, ema = ema, n = n, active = active, t = t, exists = false,
-        dirty = { bi = false, c = false, p = false, ema = false, n = false, active = false, t = false },
+      return { bi = nil, c = nil, p = nil, ema = nil, n = nil, active = nil, t = nil,
+        exists = false, counts_dirty = false, active_dirty = false,
         groups = nil, blank = nil, kept_groups = nil, kept_blank = nil, dirty_groups = {} }
     end
     SPARE[SPARE_N], SPARE_N = nil, SPARE_N - 1
-    w.bi, w.c, w.p, w.ema, w.n, w.active, w.t, w.exists = bi, c, p, ema, n, active, t, false
-    local dirty = w.dirty
-    dirty.bi, dirty.c, dirty.p, dirty.ema, dirty.n, dirty.active, dirty.t =
-      false, false, false, false, false, false, false
+    w.bi, w.c, w.p, w.ema, w.n, w.active, w.t, w.exists = nil, nil, nil, nil, nil, nil, nil, false
+    w.counts_dirty, w.active_dirty = false, false
     -- The group tables it had stay with it (kept_*), emptied when groups are read again.
     if w.groups then w.kept_groups, w.kept_blank = w.groups, w.blank end
     w.groups, w.blank = nil, nil
@@ -88,17 +81,6 @@ local function fresh_groups(w)
   end
 end
 
-local function pending_delta(wid, w)
-  local delta = PENDING[wid]
-  if delta then
-    PENDING[wid] = nil
-    if w.exists then
-      w.active = math.max((w.active or 0) + delta, 0)
-      w.dirty.active = true
-    end
-  end
-end
-
 -- A field of the workload hash, if it names a group: its best lane into w.groups, or, emptied
 -- (''), into w.blank.
 local function take_group(w, f, value)
@@ -111,46 +93,72 @@ local function take_group(w, f, value)
   end
 end
 
--- The counters and the groups from one HGETALL.
-local function read_all(wid, w)
-  local v = rcall('HGETALL', wkey(wid))
-  fresh_groups(w)
-  w.exists = #v > 0
-  for i = 1, #v, 2 do
-    local f = v[i]
-    local value = v[i + 1]
-    if WRITE_AS[f] then w[f] = NUMBER_OF[value] or tonum(value) else take_group(w, f, value) end
+-- A workload's state for this call (read by its first use). (Its helpers in a do block: the
+-- library's main chunk is held to Lua's 200 locals.)
+local wstate
+do
+  local function pending_delta(wid, w)
+    local delta = PENDING[wid]
+    if delta then
+      PENDING[wid] = nil
+      if w.exists then
+        w.active = math.max((w.active or 0) + delta, 0)
+        w.active_dirty = true
+      end
+    end
   end
-end
 
--- `counters_only`: the caller needs no groups (nothing is queued in the pool, so no group holds
--- a lane): one HMGET of the counters. Groups asked for later in the call are read then
--- (groups_of).
-local function wstate(wid, counters_only)
-  local w = WS[wid]
-  if w then return w end
-  if counters_only then
-    local v = rcall('HMGET', wkey(wid), 'bi', 'c', 'p', 'ema', 'n', 'active', 't')
+  -- The packed counters into w.
+  local function take_counts(w, packed)
+    local bi, c, p, n, t, ema = fields_counts(packed)
     -- Integers (written by int) are looked up rather than read by tonumber (its strtod is dear);
     -- the EMA, a new fraction each time, is read.
-    w = new_state(tonum(v[1]), tonum(v[2]), tonum(v[3]), tonumber(v[4]), tonum(v[5]),
-      tonum(v[6]), tonum(v[7]))
-    -- Every tracked workload's hash holds its window (count_request writes it first).
-    w.exists = w.bi ~= nil
-    if not w.exists then read_all(wid, w) end
-  else
-    w = new_state(nil, nil, nil, nil, nil, nil, nil)
-    read_all(wid, w)
+    w.bi, w.c, w.p, w.n, w.t, w.ema = NUMBER_OF[bi] or tonum(bi), NUMBER_OF[c] or tonum(c),
+      NUMBER_OF[p] or tonum(p), NUMBER_OF[n] or tonum(n), NUMBER_OF[t] or tonum(t), tonumber(ema)
   end
-  WS[wid] = w
-  pending_delta(wid, w)
-  return w
-end
 
-local function wset(w, field, value)
-  w[field] = value
-  w.dirty[field] = true
-  w.exists = true
+  -- The counters and the groups from one HGETALL.
+  local function read_all(wid, w)
+    local v = rcall('HGETALL', wkey(wid))
+    fresh_groups(w)
+    w.exists = #v > 0
+    for i = 1, #v, 2 do
+      local f = v[i]
+      if f == WORKLOAD_COUNTS then
+        take_counts(w, v[i + 1])
+      elseif f == WORKLOAD_ACTIVE then
+        local value = v[i + 1]
+        w.active = NUMBER_OF[value] or tonum(value)
+      else
+        take_group(w, f, v[i + 1])
+      end
+    end
+  end
+
+  -- `counters_only`: the caller needs no groups (nothing is queued in the pool, so no group holds
+  -- a lane): one HMGET of the counters. Groups asked for later in the call are read then
+  -- (groups_of).
+  function wstate(wid, counters_only)
+    local w = WS[wid]
+    if w then return w end
+    w = new_state()
+    if counters_only then
+      local v = rcall('HMGET', wkey(wid), WORKLOAD_COUNTS, WORKLOAD_ACTIVE)
+      local packed, active = v[1], v[2]
+      -- Every tracked workload's hash holds its counters (count_request writes them first).
+      if packed then
+        take_counts(w, packed)
+        w.active, w.exists = NUMBER_OF[active] or tonum(active), true
+      else
+        read_all(wid, w)
+      end
+    else
+      read_all(wid, w)
+    end
+    WS[wid] = w
+    pending_delta(wid, w)
+    return w
+  end
 end
 
 -- Two-bucket sliding window: the previous bucket's count weighted by how much of it still lies
@@ -171,25 +179,19 @@ local function rate_from(bi, c, p, now)
   return est / (W / 1000)
 end
 
--- (wset inline here and below, and the call's state looked up before wstate is called: these
+-- (The call's state looked up before wstate is called: these
 -- run for every admission, and a Lua call costs more than the assignments.)
 local function count_request(wid, now)
   local w = WS[wid] or wstate(wid)
-  local dirty = w.dirty
   local idx = math.floor(now / CFG.win)
   if w.bi == idx then
     w.c = (w.c or 0) + 1
   else
     if w.bi == idx - 1 then w.p = w.c or 0 else w.p = 0 end
     w.bi, w.c = idx, 1
-    dirty.p, dirty.bi = true, true
   end
-  dirty.c = true
-  if wid ~= '' then
-    w.t = now
-    dirty.t = true
-  end
-  w.exists = true
+  if wid ~= '' then w.t = now end
+  w.exists, w.counts_dirty = true, true
 end
 
 -- Tracked workloads: a known id, or a new one while under the cap. Others score as anonymous.
@@ -221,19 +223,16 @@ local function record_wait(wid, wait_s, joined)
     ema = CFG.alpha * wait_s + (1 - CFG.alpha) * w.ema
   end
   -- Stored as text with 17 digits (fmt), which reads back as the same double.
-  w.ema, w.n, w.exists = ema, n + 1, true
-  local dirty = w.dirty
-  dirty.ema, dirty.n = true, true
+  w.ema, w.n, w.exists, w.counts_dirty = ema, n + 1, true, true
   if joined then
     w.active = (w.active or 0) + joined
-    dirty.active = true
+    w.active_dirty = true
   end
 end
 
 local function add_active(wid, delta)
   local w = WS[wid] or wstate(wid)
-  w.active, w.exists = (w.active or 0) + delta, true
-  w.dirty.active = true
+  w.active, w.exists, w.active_dirty = (w.active or 0) + delta, true, true
 end
 
 -- One of the workload's requests left (released, dropped). An expired or never-tracked workload
@@ -243,7 +242,7 @@ local function workload_done(wid)
   local w = WS[wid]
   if w then
     if wid ~= '' and not w.exists then return end
-    wset(w, 'active', math.max((w.active or 0) - 1, 0))
+    w.active, w.exists, w.active_dirty = math.max((w.active or 0) - 1, 0), true, true
   else
     PENDING[wid] = (PENDING[wid] or 0) - 1
   end
@@ -301,16 +300,15 @@ do
   function flush_workloads()
     for wid, w in pairs(WS) do
       local args, n = FLUSH_ARGS, 0
-      local dirty = w.dirty
-      for i = 1, #COUNTERS do
-        local field = COUNTERS[i]
-        if dirty[field] then
-          -- (A count met before is looked up: TEXT_OF holds integers, which fmt writes alike.)
-          local value = w[field]
-          args[n + 1], args[n + 2] = field, TEXT_OF[value] or WRITE_AS[field](value)
-          n = n + 2
-          dirty[field] = false
-        end
+      if w.counts_dirty then
+        args[1], args[2] = WORKLOAD_COUNTS,
+          encode_counts(w.bi or 0, w.c or 0, w.p or 0, w.n or 0, w.t or 0, w.ema or 0)
+        n, w.counts_dirty = 2, false
+      end
+      if w.active_dirty then
+        local active = w.active
+        args[n + 1], args[n + 2] = WORKLOAD_ACTIVE, TEXT_OF[active] or int(active)
+        n, w.active_dirty = n + 2, false
       end
       -- An emptied group is written as '' (one HSET for everything); maintain.lua deletes those.
       local dirty_groups = w.dirty_groups
@@ -328,14 +326,14 @@ do
     end
     for wid, delta in pairs(PENDING) do
       PENDING[wid] = nil
-      local left = rcall('HINCRBY', wkey(wid), 'active', int(delta))
+      local left = rcall('HINCRBY', wkey(wid), WORKLOAD_ACTIVE, int(delta))
       if left < 0 then
         -- Only if the invariant above was broken (data lost): never leave a negative count, and
         -- never a hash holding nothing but it.
         if rcall('HLEN', wkey(wid)) == 1 then
           rcall('DEL', wkey(wid))
         else
-          rcall('HSET', wkey(wid), 'active', 0)
+          rcall('HSET', wkey(wid), WORKLOAD_ACTIVE, 0)
         end
       end
     end

@@ -412,6 +412,8 @@ def contract_lua() -> str:
         "OWNER_QUEUED",
         "RECLAIM",
         "WGROUP_FIELD",
+        "WORKLOAD_COUNTS",
+        "WORKLOAD_ACTIVE",
         "GROUP_SEP",
         "SEP",
         "RANK_FLOW_SEP",
@@ -423,7 +425,7 @@ def contract_lua() -> str:
         "ANON_FALLBACK",
         "POOL_LAYOUT",
         "POOL_LAYOUT_NOTE",
-        "POOL_LAYOUT_NOTE_UNVERSIONED",
+        "POOL_STAMP",
     ):
         lines.append(f"local {name} = {_lua_string(getattr(contract, name))}\n")
     settings = ", ".join(f"{f} = true" for f in contract.CFG_FIELDS)

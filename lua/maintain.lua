@@ -128,7 +128,7 @@ local idle_before = now - CFG.idle
 for _, wid in ipairs(rcall('ZRANGEBYSCORE', K_WORKLOADS, '-inf', int(idle_before),
   'LIMIT', 0, budget)) do
   local w = wstate(wid)
-  if (w.active or 0) > 0 or next(w.groups) ~= nil then
+  if (w.active or 0) > 0 or next(groups_of(wid)) ~= nil then
     rcall('ZADD', K_WORKLOADS, int(now), wid)
   elseif w.exists and w.t and w.t > idle_before then
     rcall('ZADD', K_WORKLOADS, int(w.t), wid)

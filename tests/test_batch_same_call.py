@@ -8,6 +8,7 @@ from typing import Any
 
 from sidecar import contract
 from sidecar.contract import ScriptStatus
+from sidecar.registry import METRIC_FIELDS, counters_from_hash
 from sidecar.store import PoolStore
 from tests.conftest import Backend, make_config
 
@@ -180,3 +181,8 @@ async def test_a_call_stopped_by_an_error_leaves_nothing_to_the_next_call(
     pool = store.key(contract.POOL)
     assert int(await store.client.hget(pool, "qn")) == 2
     assert int(await store.client.hget(pool, "qbytes")) == 20
+    # Nor the stopped call's count of its workload (lua/includes/registry.lua keeps workload
+    # states between calls): wb's one request is counted once, and it is active once.
+    wb = await store.client.hmget(store.key(contract.workload_key("wb")), *METRIC_FIELDS)
+    counted = counters_from_hash(wb)
+    assert (counted.current + counted.previous, counted.active) == (1, 1)

@@ -3,7 +3,8 @@ POOL_CACHE), valid while the pool's write stamp (contract.POOL_STAMP) is the one
 Every call that changes the pool writes a new stamp, so whatever else wrote the pool since is
 seen by the next call: another load of the library (a second version of the same layout), a
 pool rolled back to an earlier state (writes lost in a failover), data lost, a change by hand
-that deletes the stamp."""
+that deletes the stamp. The pool's workload states are kept the same way (lua/includes/
+registry.lua WS): a call that changes only a workload hash writes a stamp too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from sidecar import contract
 from sidecar.outcome import ScriptStatus
+from sidecar.registry import METRIC_FIELDS, WorkloadCounters, counters_from_hash
 from sidecar.store import PoolStore
 from sidecar.store.connect import connect
 from sidecar.store.scripts import library
@@ -37,6 +39,11 @@ async def stamp(store: PoolStore) -> bytes | None:
 async def counts(store: PoolStore) -> tuple[int, int]:
     raw = await store.client.hmget(store.key(contract.POOL), "inflight", "qn")
     return int(raw[0] or 0), int(raw[1] or 0)
+
+
+async def workload(store: PoolStore, name: str = "w") -> WorkloadCounters:
+    key = store.key(contract.workload_key(name))
+    return counters_from_hash(await store.client.hmget(key, *METRIC_FIELDS))
 
 
 OTHER_LIBRARY = "admission_sidecar_otherload"
@@ -138,6 +145,9 @@ async def test_two_loads_of_the_library_on_one_pool_read_each_others_writes(
         for i, (name, store) in enumerate([("old", old), ("new", new)] * 3):
             await by(name, enq(store, 9 + i))
         assert await counts(old) == (2, 4)
+        # The workload's counters hold every request of both: each load read the other's writes.
+        w = await workload(new)
+        assert (w.current + w.previous, w.active) == (10, 6)
         # Neither ever writes a stamp the other wrote (else one could take the pool as it
         # cached it after the other changed it).
         assert not written["new"] & written["old"] and None not in written["new"]
@@ -173,6 +183,78 @@ async def test_a_pool_rolled_back_to_an_earlier_state_is_read_as_it_is(
         assert (await enq(store, 5)).status is ScriptStatus.QUEUED
         released = await store.release(first.item_id, now=6)
         assert len(released.deliveries) == 1
+        # The workload as it is too: the lost requests are not counted, the two since are (and
+        # dispatched, the second by the release).
+        w = await workload(store)
+        assert (w.current + w.previous, w.dispatched, w.active) == (3, 3, 2)
+    finally:
+        await client.aclose()
+        await inbox.aclose()
+
+
+async def test_a_call_that_changes_only_a_workload_writes_a_new_stamp(backend: Backend) -> None:
+    """A request refused for a full queue changes no pool field, but it is counted toward its
+    workload's rate: another load of the library must not keep the count it cached."""
+    store = backend.store(make_config(limit=1, flowControl={"maxRequests": 1}))
+    await store.configure(now=0)
+    assert (await enq(store, 1)).status is ScriptStatus.DISPATCHED
+    assert (await enq(store, 2)).status is ScriptStatus.QUEUED
+    key = store.key(contract.POOL)
+    before = await store.client.hgetall(key)
+    assert (await enq(store, 3)).status is ScriptStatus.REJECTED_CAPACITY
+    after = await store.client.hgetall(key)
+    assert after[contract.POOL_STAMP.encode()] != before[contract.POOL_STAMP.encode()]
+    del before[contract.POOL_STAMP.encode()], after[contract.POOL_STAMP.encode()]
+    assert after == before
+    assert (await workload(store)).current == 3
+
+
+async def test_a_workload_changed_by_hand_with_the_stamp_deleted_is_read_again(
+    backend: Backend,
+) -> None:
+    store = backend.store(make_config(limit=4))
+    await store.configure(now=0)
+    first = await enq(store, 1)
+    await store.release(first.item_id, now=2)
+    assert (await workload(store)).current == 1
+    # An operator resets the workload's rate window (docs/upgrading.md: delete ws with it).
+    key = store.key(contract.workload_key("w"))
+    await store.client.hset(
+        key, contract.WORKLOAD_COUNTS, contract.COUNTS.encode(0, 40, 0, 1, 2, 0.0)
+    )
+    await store.client.hdel(store.key(contract.POOL), contract.POOL_STAMP)
+    await enq(store, 3)
+    assert (await workload(store)).current == 41
+
+
+@pytest.mark.redis
+async def test_workloads_past_the_library_s_bound_are_forgotten_and_read_again(
+    redis_server: RedisProcess,
+) -> None:
+    """The library keeps at most 4096 workload states (lua/includes/registry.lua W_MADE_MAX),
+    then lets every pool's go: the states made after are read from their hashes, counts intact."""
+    client, inbox = connect(redis_server.url, timeout_s=5.0)
+    try:
+        await client.flushall()
+        store = PoolStore(client, make_config(limit=10), "r1", inbox_client=inbox)
+        await store.configure(now=0)
+        names = [f"w{i}" for i in range(4500)]
+        for rounds in (1, 2):
+            for i, name in enumerate(names):
+                ticket = await store.enqueue(
+                    now=rounds * 10_000 + i,
+                    band=0,
+                    flow="f",
+                    workload=name,
+                    criticality=3,
+                    byte_size=10,
+                    ttl_ms=TTL,
+                )
+                assert ticket.status is ScriptStatus.DISPATCHED
+                await store.release(ticket.item_id, now=rounds * 10_000 + i)
+        for name in (names[0], names[4095], names[4096], names[-1]):
+            w = await workload(store, name)
+            assert (w.current + w.previous, w.dispatched, w.active) == (2, 2, 0), name
     finally:
         await client.aclose()
         await inbox.aclose()

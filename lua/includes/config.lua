@@ -17,7 +17,8 @@
   pool_prefetch(fields, fresh, count), pool_prefetch_these(n, field...), pool_set(field, value),
   pool_add(field, delta, floor) -> new, old, pool_int(field) -> number (0 when absent),
   pool_del(field), pool_fields() -> every field and its text (a table: loop over it, not over
-  POOL), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and
+  POOL), pool_entry() -> the pool's cache entry (its `workloads` and `touched` are the
+  registry's), flush_pool(), CFG (settings, filled by load_cfg), load_cfg() and
   load_cfg_hot(caller, band) -> false when the pool has no
   configuration (Redis lost its data) or one in another Redis layout, config_digest() -> the
   'cfgv' of the fields as they are now, foreign_layout() -> the pool's layout note when it
@@ -34,21 +35,25 @@
 local POOL, CFG
 local init_config, pool_load_all, pool_prefetch, pool_prefetch_these, pool_set, pool_int,
   pool_del, pool_hints, flush_pool, config_digest, foreign_layout, load_cfg, load_cfg_hot,
-  band_cfg, clock, pool_add, pool_fields
+  band_cfg, clock, pool_add, pool_fields, pool_entry
 do
   -- POOL_READ: the fields as read or last written (false: read, and absent), so one that changed
   -- and changed back (a release that dispatches) is not written. POOL_ALL: every field read (this
   -- call). PINT: integer fields set as numbers (pool_add), formatted once, when written.
   -- POOL and POOL_READ are kept between calls, one pair per pool (POOL_CACHE: pool hash key ->
-  -- ENTRY = { pool, read, stamp, hot }), so a call reads only what the calls before it did not:
-  -- every write of the pool hash is this library's (flush_pool, the one writer; Python only
-  -- reads it, and a pool in another layout is never written, see foreign_layout), and each
-  -- writes the pool's write stamp (contract POOL_STAMP) with its changes, a text no other Redis
+  -- ENTRY = { pool, read, stamp, hot, workloads, touched }), so a call reads only what the calls
+  -- before it did not: every write of the pool hash is this library's (flush_pool, the one
+  -- writer; Python only reads it, and a pool in another layout is never written, see
+  -- foreign_layout), and each writes the pool's write stamp (contract POOL_STAMP) with its
+  -- changes, a text no other Redis
   -- and no other load of the library makes. A call first reads the stamp (init_config): the one
   -- its entry holds, and the entry is the hash as it is; another (a replica promoted after
   -- writes were lost, the data flushed or restarted, a hand-made change that deleted the
   -- stamp), and the entry is emptied. A call that stopped with changes not written (an error)
-  -- leaves CLEAN false, and the next empties its pool's entry too.
+  -- leaves CLEAN false, and the next empties its pool's entry too. The entry also holds the
+  -- pool's workload states (`workloads`, kept by includes/registry.lua): a workload hash lies in
+  -- the pool's slot and only this library writes it, and a call that changes one sets
+  -- `touched`, so flush_pool writes a stamp for it even when the pool hash is unchanged.
   local POOL_READ, POOL_DIRTY, POOL_GONE, PINT = nil, {}, {}, {}
   local POOL_ALL, BANDS, NOW, ENTRY
   local CLEAN = true
@@ -78,7 +83,7 @@ do
   local function forget_entry(entry)
     clear(entry.pool)
     clear(entry.read)
-    entry.stamp, entry.hot = nil, nil
+    entry.stamp, entry.hot, entry.workloads = nil, nil, nil
   end
 
   function init_config()
@@ -94,13 +99,20 @@ do
       -- (POOL's metatable is set here, not at load: the library's top level runs without
       -- setmetatable.)
       if POOL_CACHED >= CONFIG_CACHE_MAX then POOL_CACHE, POOL_CACHED = {}, 0 end
-      entry = { pool = setmetatable({}, POOL_META), read = {}, stamp = nil, hot = nil }
+      entry = { pool = setmetatable({}, POOL_META), read = {}, stamp = nil, hot = nil,
+        workloads = nil, touched = false }
       POOL_CACHE[K_POOL], POOL_CACHED = entry, POOL_CACHED + 1
     elseif not entry.stamp or entry.stamp ~= rcall('HGET', K_POOL, POOL_STAMP) then
       forget_entry(entry)
     end
+    entry.touched = false
     ENTRY, POOL, POOL_READ = entry, entry.pool, entry.read
     POOL_ALL, CFG, BANDS, NOW = false, nil, nil, nil
+  end
+
+  -- The pool's cache entry (see POOL_CACHE) for this call.
+  function pool_entry()
+    return ENTRY
   end
 
   -- Neither read nor changed by this call yet.
@@ -265,7 +277,7 @@ do
       end
     end
     local gone = next(POOL_GONE) ~= nil
-    if n > 0 or gone then
+    if n > 0 or gone or ENTRY.touched then
       -- A new stamp with the changes (see POOL_CACHE).
       if not STAMP_HEAD then
         local t = rcall('TIME')
@@ -285,7 +297,7 @@ do
         end
         rcall('HDEL', K_POOL, unpack(args, 1, n))
       end
-      ENTRY.stamp = stamp
+      ENTRY.stamp, ENTRY.touched = stamp, false
     end
     CLEAN = true
   end
